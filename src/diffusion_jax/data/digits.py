@@ -1,0 +1,28 @@
+"""The embedded default dataset: scikit-learn's 1,797 8x8 handwritten digits.
+
+The pixel values ship inside scikit-learn's package (no download). They are integers in
+0..16; we map them to uint8 0..255 by round(v * 255 / 16). The split is fixed: a seeded
+permutation (seed 0) puts 1,497 images in "train" and 300 in "test".
+"""
+
+import numpy as np
+
+NUM_TEST = 300
+SPLITS = ("train", "test", "all")
+
+
+def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Return (images uint8 (N, 8, 8, 1), labels int32 (N,)) for split 'train' | 'test' | 'all'."""
+    if split not in SPLITS:
+        raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = bunch.target.astype(np.int32)
+    if split == "all":
+        return images, labels
+    order = np.random.default_rng(0).permutation(len(images))
+    idx = order[NUM_TEST:] if split == "train" else order[:NUM_TEST]
+    idx = np.sort(idx)
+    return images[idx], labels[idx]
