@@ -1,0 +1,367 @@
+"""The diffusion process as pure functions of (Schedule, arrays).
+
+Equation numbers refer to Ho et al. 2020 (DDPM) unless said otherwise; learned variances and
+the hybrid loss are Nichol & Dhariwal 2021 (improved DDPM); v is Salimans & Ho 2022.
+A model reaches this module only as `denoise_fn(x_t, t, **cond) -> output`, where t is the
+schedule's `timesteps[t]` (the original step for a respaced schedule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.gaussian import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from diffusion_jax.schedules import Schedule
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
+LOSS_TYPES = ("simple", "kl", "hybrid")
+
+
+def check_choice(name: str, value, allowed) -> str:
+    """Raise a ValueError naming the field, the value and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def check_options(*, parameterization=None, var_type=None, loss_type=None) -> None:
+    """Check the enum options once, at the entry of a public function."""
+    if parameterization is not None:
+        check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    if var_type is not None:
+        check_choice("var_type", var_type, VAR_TYPES)
+    if loss_type is not None:
+        check_choice("loss_type", loss_type, LOSS_TYPES)
+    if loss_type == "simple" and var_type == "learned_range":
+        raise ValueError(
+            "loss_type 'simple' does not train a learned variance; with var_type "
+            "'learned_range' use loss_type 'hybrid' or 'kl'"
+        )
+
+
+def model_output_channels(num_channels: int, var_type: str) -> int:
+    """Channels the network must output: doubled when it also predicts the variance."""
+    check_options(var_type=var_type)
+    return 2 * num_channels if var_type == "learned_range" else num_channels
+
+
+def check_timesteps(schedule: Schedule, t, batch_size: int | None = None) -> None:
+    """Check t's shape (B,), integer dtype and, when its value is known, the range [0, T)."""
+    if isinstance(t, (int, float)) or getattr(t, "ndim", None) != 1:
+        raise ValueError(f"t must be an integer array of shape (B,), got {t!r}")
+    if batch_size is not None and t.shape[0] != batch_size:
+        raise ValueError(f"t has batch size {t.shape[0]} but x has batch size {batch_size}")
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"t must hold integer timestep indices, got dtype {t.dtype}")
+    if not isinstance(t, jax.core.Tracer):
+        lo, hi = int(jnp.min(t)), int(jnp.max(t))
+        if lo < 0 or hi >= schedule.num_timesteps:
+            raise ValueError(
+                f"t must lie in [0, {schedule.num_timesteps}), got values in [{lo}, {hi}]"
+            )
+
+
+def extract(table, t, shape):
+    """table[t] reshaped to (B, 1, ..., 1) so it broadcasts against an array of `shape`."""
+    out = jnp.take(table, t, axis=0)
+    return out.reshape((t.shape[0],) + (1,) * (len(shape) - 1))
+
+
+# --- forward process -------------------------------------------------------------------
+
+
+def q_mean_variance(s: Schedule, x0, t):
+    """Mean, variance and log variance of q(x_t | x_0) (eq. 4)."""
+    mean = extract(s.sqrt_alphas_cumprod, t, x0.shape) * x0
+    variance = extract(1.0 - s.alphas_cumprod, t, x0.shape)
+    log_variance = extract(s.log_one_minus_alphas_cumprod, t, x0.shape)
+    return mean, variance, log_variance
+
+
+def q_sample(s: Schedule, x0, t, noise):
+    """A sample of q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4)."""
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {noise.shape} != x0 shape {x0.shape}")
+    return (
+        extract(s.sqrt_alphas_cumprod, t, x0.shape) * x0
+        + extract(s.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+    )
+
+
+def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
+    """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+    if x0.shape != x_t.shape:
+        raise ValueError(f"x0 shape {x0.shape} != x_t shape {x_t.shape}")
+    mean = (
+        extract(s.posterior_mean_coef1, t, x_t.shape) * x0
+        + extract(s.posterior_mean_coef2, t, x_t.shape) * x_t
+    )
+    variance = extract(s.posterior_variance, t, x_t.shape)
+    log_variance = extract(s.posterior_log_variance_clipped, t, x_t.shape)
+    return mean, variance, log_variance
+
+
+# --- conversions between eps, x0 and v ---------------------------------------------------
+
+
+def predict_x0_from_eps(s: Schedule, x_t, t, eps):
+    """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), inverting eq. 4."""
+    return (
+        extract(s.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+        - extract(s.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+    )
+
+
+def predict_eps_from_x0(s: Schedule, x_t, t, x0):
+    """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1), inverting eq. 4."""
+    return (extract(s.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) / extract(
+        s.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+    )
+
+
+def get_v(s: Schedule, x0, eps, t):
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
+    return (
+        extract(s.sqrt_alphas_cumprod, t, x0.shape) * eps
+        - extract(s.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+    )
+
+
+def predict_x0_from_v(s: Schedule, x_t, t, v):
+    """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+    return (
+        extract(s.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+        - extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+    )
+
+
+def predict_eps_from_v(s: Schedule, x_t, t, v):
+    """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+    return (
+        extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+        + extract(s.sqrt_alphas_cumprod, t, x_t.shape) * v
+    )
+
+
+def predict_x0(s: Schedule, model_mean_output, x_t, t, parameterization: str):
+    """The model's prediction of x_0 from its (mean) output in any parameterisation."""
+    if parameterization == "eps":
+        return predict_x0_from_eps(s, x_t, t, model_mean_output)
+    if parameterization == "v":
+        return predict_x0_from_v(s, x_t, t, model_mean_output)
+    return model_mean_output
+
+
+def training_target(s: Schedule, x0, noise, t, parameterization: str):
+    """What the network regresses: eps, x_0 or v."""
+    if parameterization == "eps":
+        return noise
+    if parameterization == "v":
+        return get_v(s, x0, noise, t)
+    return x0
+
+
+# --- the reverse process ---------------------------------------------------------------
+
+
+def split_model_output(model_output, x_t, var_type: str):
+    """(mean part, variance part or None): learned_range models output 2C channels."""
+    channels = x_t.shape[-1]
+    expected = 2 * channels if var_type == "learned_range" else channels
+    if model_output.shape[:-1] != x_t.shape[:-1] or model_output.shape[-1] != expected:
+        raise ValueError(
+            f"model output shape {model_output.shape} does not fit x_t {x_t.shape} with "
+            f"var_type {var_type!r} (expected {expected} channels)"
+        )
+    if var_type == "learned_range":
+        return model_output[..., :channels], model_output[..., channels:]
+    return model_output, None
+
+
+def model_log_variance(s: Schedule, var_values, t, shape, var_type: str):
+    """log sigma_t^2 of p(x_{t-1} | x_t) for a variance type (and learned values)."""
+    if var_type == "fixed_small":
+        return extract(s.posterior_log_variance_clipped, t, shape)
+    if var_type == "fixed_large":
+        return extract(s.fixed_large_log_variance, t, shape)
+    # learned_range: improved DDPM eq. 15, interpolate log beta_t and log beta_tilde_t.
+    min_log = extract(s.posterior_log_variance_clipped, t, shape)
+    max_log = extract(jnp.log(s.betas), t, shape)
+    frac = (var_values + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+def p_mean_variance(
+    s: Schedule,
+    model_output,
+    x_t,
+    t,
+    *,
+    parameterization: str = "eps",
+    var_type: str = "fixed_large",
+    clip_denoised: bool = True,
+):
+    """Mean and variance of p(x_{t-1} | x_t) from a model output (eq. 11 and its analogues).
+
+    The mean is the posterior mean q(x_{t-1} | x_t, x_0 = pred_x0), which for eps-prediction is
+    exactly eq. 11; pred_x0 is clipped to [-1, 1] when clip_denoised. Returns a dict with mean,
+    variance, log_variance, pred_x0 and pred_eps (eps consistent with the clipped pred_x0).
+    """
+    check_options(parameterization=parameterization, var_type=var_type)
+    mean_output, var_values = split_model_output(model_output, x_t, var_type)
+    log_variance = model_log_variance(s, var_values, t, x_t.shape, var_type)
+    pred_x0 = predict_x0(s, mean_output, x_t, t, parameterization)
+    if clip_denoised:
+        pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
+    if parameterization == "eps" and not clip_denoised:
+        pred_eps = mean_output
+    else:
+        pred_eps = predict_eps_from_x0(s, x_t, t, pred_x0)
+    mean, _, _ = q_posterior_mean_variance(s, pred_x0, x_t, t)
+    return {
+        "mean": mean,
+        "variance": jnp.exp(log_variance),
+        "log_variance": log_variance,
+        "pred_x0": pred_x0,
+        "pred_eps": pred_eps,
+    }
+
+
+# --- the variational bound and the losses ----------------------------------------------
+
+
+def vb_terms_bpd(s: Schedule, out: dict, x0, x_t, t):
+    """L_{t-1} of the bound in bits/dim (eq. 5): KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, and
+    -log p(x_0 | x_1) under the discretized Gaussian decoder (eq. 13) for t = 0."""
+    true_mean, _, true_log_var = q_posterior_mean_variance(s, x0, x_t, t)
+    kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]))
+    kl = kl / math.log(2.0)
+    decoder_nll = -discretized_gaussian_log_likelihood(
+        x0, means=out["mean"], log_scales=0.5 * out["log_variance"]
+    )
+    decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+    return jnp.where(t == 0, decoder_nll, kl)
+
+
+def prior_bpd(s: Schedule, x0):
+    """L_T in bits/dim: KL(q(x_T | x_0) || N(0, I)), constant in the model."""
+    t = jnp.full((x0.shape[0],), s.num_timesteps - 1, dtype=jnp.int32)
+    mean, _, log_variance = q_mean_variance(s, x0, t)
+    kl = normal_kl(mean, log_variance, jnp.zeros_like(mean), jnp.zeros_like(log_variance))
+    return mean_flat(kl) / math.log(2.0)
+
+
+def training_losses(
+    s: Schedule,
+    denoise_fn: Callable,
+    x0,
+    t,
+    key,
+    *,
+    parameterization: str = "eps",
+    var_type: str = "fixed_large",
+    loss_type: str = "simple",
+    hybrid_lambda: float = 0.001,
+    cond: dict | None = None,
+):
+    """Per-example training losses at timesteps t; returns a dict with "loss" (B,).
+
+    simple: mean-flat ||target - output||^2 (Algorithm 1; target eps, x0 or v).
+    kl: the bound itself, T * L_t + L_T in bits/dim: an unbiased estimate of the total bound
+        when t is uniform (eq. 5).
+    hybrid: simple + hybrid_lambda * T * L_t, with L_t seeing a stop-gradient on the mean so the
+        bound trains only the variance (improved DDPM, Sec. 3.1).
+    """
+    check_options(parameterization=parameterization, var_type=var_type, loss_type=loss_type)
+    check_timesteps(s, t, x0.shape[0])
+    noise = jax.random.normal(key, x0.shape, x0.dtype)
+    x_t = q_sample(s, x0, t, noise)
+    model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(cond or {}))
+    mean_output, var_values = split_model_output(model_output, x_t, var_type)
+    terms = {}
+    if loss_type in ("simple", "hybrid"):
+        target = training_target(s, x0, noise, t, parameterization)
+        terms["mse"] = mean_flat(jnp.square(target - mean_output))
+    if loss_type in ("kl", "hybrid"):
+        frozen = mean_output if loss_type == "kl" else jax.lax.stop_gradient(mean_output)
+        vb_output = frozen if var_values is None else jnp.concatenate([frozen, var_values], -1)
+        out = p_mean_variance(
+            s,
+            vb_output,
+            x_t,
+            t,
+            parameterization=parameterization,
+            var_type=var_type,
+            clip_denoised=False,
+        )
+        terms["vb"] = vb_terms_bpd(s, out, x0, x_t, t)
+    if loss_type == "simple":
+        terms["loss"] = terms["mse"]
+    elif loss_type == "kl":
+        terms["loss"] = s.num_timesteps * terms["vb"] + prior_bpd(s, x0)
+    else:
+        terms["loss"] = terms["mse"] + hybrid_lambda * s.num_timesteps * terms["vb"]
+    return terms
+
+
+def calc_bpd(
+    s: Schedule,
+    denoise_fn: Callable,
+    x0,
+    key,
+    *,
+    parameterization: str = "eps",
+    var_type: str = "fixed_large",
+    clip_denoised: bool = True,
+    t_batch_size: int | None = None,
+    cond: dict | None = None,
+):
+    """The full variational bound of a batch in bits/dim (eq. 5 summed over all T terms).
+
+    Every term is evaluated with its own noise (key folded with t); the T evaluations run as one
+    `lax.map` over t, `t_batch_size` of them vectorised at a time (None: one at a time).
+    Returns total_bpd, prior_bpd, terms_bpd (sum of L_0..L_{T-1}), decoder_bpd (L_0), each (B,),
+    and vb, mse, x0_mse of shape (B, T).
+    """
+    check_options(parameterization=parameterization, var_type=var_type)
+    batch = x0.shape[0]
+
+    def one_t(t_scalar):
+        t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape, x0.dtype)
+        x_t = q_sample(s, x0, t, noise)
+        model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(cond or {}))
+        out = p_mean_variance(
+            s,
+            model_output,
+            x_t,
+            t,
+            parameterization=parameterization,
+            var_type=var_type,
+            clip_denoised=clip_denoised,
+        )
+        return (
+            vb_terms_bpd(s, out, x0, x_t, t),
+            mean_flat(jnp.square(out["pred_eps"] - noise)),
+            mean_flat(jnp.square(out["pred_x0"] - x0)),
+        )
+
+    ts = jnp.arange(s.num_timesteps, dtype=jnp.int32)
+    vb, mse, x0_mse = jax.lax.map(one_t, ts, batch_size=t_batch_size)
+    vb, mse, x0_mse = vb.T, mse.T, x0_mse.T
+    prior = prior_bpd(s, x0)
+    terms = jnp.sum(vb, axis=1)
+    return {
+        "total_bpd": terms + prior,
+        "prior_bpd": prior,
+        "terms_bpd": terms,
+        "decoder_bpd": vb[:, 0],
+        "vb": vb,
+        "mse": mse,
+        "x0_mse": x0_mse,
+    }
