@@ -78,9 +78,9 @@ def extract(table, t, shape):
 def q_mean_variance(s: Schedule, x0, t):
     """Mean, variance and log variance of q(x_t | x_0) (eq. 4)."""
     mean = extract(s.sqrt_alphas_cumprod, t, x0.shape) * x0
-    variance = extract(1.0 - s.alphas_cumprod, t, x0.shape)
+    # From the float64-built log table: 1 - alphas_cumprod in float32 loses digits at small t.
     log_variance = extract(s.log_one_minus_alphas_cumprod, t, x0.shape)
-    return mean, variance, log_variance
+    return mean, jnp.exp(log_variance), log_variance
 
 
 def q_sample(s: Schedule, x0, t, noise):

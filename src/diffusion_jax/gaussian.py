@@ -38,10 +38,10 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     edge bins, which extend to -inf and +inf, so the 256 probabilities sum to 1. Uses the tanh
     CDF approximation of the original code so bits/dim compare with published numbers.
     """
-    if not (x.shape == means.shape == log_scales.shape):
+    if jnp.broadcast_shapes(x.shape, means.shape, log_scales.shape) != x.shape:
         raise ValueError(
-            f"x, means and log_scales must have the same shape, got "
-            f"{x.shape}, {means.shape}, {log_scales.shape}"
+            f"means and log_scales must broadcast to x's shape {x.shape}, got "
+            f"{means.shape} and {log_scales.shape}"
         )
     centered_x = x - means
     inv_stdv = jnp.exp(-log_scales)
