@@ -1,6 +1,18 @@
-"""Input pipelines: host-local uint8 batches; the one place that scales pixels to [-1, 1]."""
+"""Input pipelines: host-local uint8 batches; the one place that scales pixels to [-1, 1].
 
-from diffusion_jax.data.digits import load_digits
+source = data.create_source(config.data, split="train")
+"""
+
+from diffusion_jax.data.digits import DigitsSource, load_digits
+from diffusion_jax.data.folder import FolderSource
 from diffusion_jax.data.scaling import to_model_range, to_uint8
+from diffusion_jax.data.sources import create_source
 
-__all__ = ["load_digits", "to_model_range", "to_uint8"]
+__all__ = [
+    "DigitsSource",
+    "FolderSource",
+    "create_source",
+    "load_digits",
+    "to_model_range",
+    "to_uint8",
+]
