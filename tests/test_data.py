@@ -1,4 +1,4 @@
-"""Data layer: sources (digits, tfds, image folders)."""
+"""Data layer: sources (digits, tfds, image folders) and the deterministic batch pipeline."""
 
 import json
 
@@ -94,6 +94,127 @@ def test_fit_center_crops_then_resizes():
     assert images_lib.prepare_array(same, 2, 3, Image.BICUBIC) is same
 
 
+# --- batch pipeline ----------------------------------------------------------------------
+
+
+class IdSource:
+    """n random (asymmetric) 4x4 images; "id" says which example a batch row came from."""
+
+    def __init__(self, n):
+        rng = np.random.default_rng(123)
+        self.images = rng.integers(0, 256, size=(n, 4, 4, 1), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": np.int32(i % 3), "id": np.int32(i)}
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_batches_shapes_and_dtypes():
+    source = data.create_source(digits_config(), split="test")
+    batch = next(data.create_batches(source, global_batch_size=32, seed=0, random_flip=True))
+    assert batch["image"].shape == (32, 8, 8, 1) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    source = IdSource(40)
+    kwargs = dict(global_batch_size=8, random_flip=True, num_threads=2)
+    first = take(data.create_batches(source, seed=3, **kwargs), 6)
+    again = take(data.create_batches(source, seed=3, **kwargs), 6)
+    assert_batches_equal(first, again)
+    other = take(data.create_batches(source, seed=4, **kwargs), 6)
+    ids = [b["id"].tolist() for b in first]
+    assert ids != [b["id"].tolist() for b in other]
+
+
+def test_resume_at_step_equals_continuing():
+    source = IdSource(30)
+    kwargs = dict(global_batch_size=8, seed=7, random_flip=True)
+    fresh = take(data.create_batches(source, **kwargs), 12)
+    resumed = take(data.create_batches(source, start_step=5, **kwargs), 7)
+    assert_batches_equal(fresh[5:], resumed)
+    by_index = data.create_batch_dataset(source, **kwargs)
+    assert_batches_equal(fresh[9:10], [by_index[9]])
+
+
+def test_hosts_split_each_global_batch():
+    source = IdSource(50)
+    kwargs = dict(global_batch_size=8, seed=1, random_flip=True)
+    single = take(data.create_batches(source, **kwargs), 9)
+    hosts = [
+        take(data.create_batches(source, process_index=p, process_count=2, **kwargs), 9)
+        for p in range(2)
+    ]
+    for step, whole in enumerate(single):
+        local = [hosts[p][step] for p in range(2)]
+        assert all(b["image"].shape == (4, 4, 4, 1) for b in local)
+        assert not set(local[0]["id"].tolist()) & set(local[1]["id"].tolist())
+        assert sorted(np.concatenate([b["id"] for b in local]).tolist()) == sorted(
+            whole["id"].tolist()
+        )
+        # Stronger: concatenated in process order they are the global batch, flips included.
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), whole[key])
+
+
+def test_random_flip_is_horizontal_for_about_half():
+    source = IdSource(64)
+    flipped = 0
+    batches = take(data.create_batches(source, global_batch_size=64, seed=0, random_flip=True), 4)
+    for batch in batches:
+        for image, i in zip(batch["image"], batch["id"], strict=True):
+            original = source.images[i]
+            if np.array_equal(image, original[:, ::-1]):
+                flipped += 1
+            else:
+                np.testing.assert_array_equal(image, original)
+    assert 0.35 < flipped / 256 < 0.65
+    plain = next(data.create_batches(source, global_batch_size=64, seed=0))
+    np.testing.assert_array_equal(plain["image"], source.images[plain["id"]])
+
+
+def test_every_example_once_per_epoch_reshuffled():
+    n, batch_size = 50, 8  # batches straddle epochs: 50 is not a multiple of 8
+    batches = take(data.create_batches(IdSource(n), global_batch_size=batch_size, seed=5), 20)
+    stream = np.concatenate([b["id"] for b in batches])
+    epochs = [stream[e * n : (e + 1) * n] for e in range(len(stream) // n)]
+    assert len(epochs) == 3
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(global_batch_size=9, process_count=2), "not divisible by process_count"),
+        (dict(global_batch_size=64), "larger than the dataset"),
+        (dict(global_batch_size=0), "global_batch_size must be an int >= 1"),
+        (dict(global_batch_size=8, process_index=2, process_count=2), "must be < process_count"),
+        (dict(global_batch_size=8, start_step=-1), "start_step must be an int >= 0"),
+        (dict(global_batch_size=8, seed=-1), "seed must be an int >= 0"),
+    ],
+)
+def test_batch_errors(kwargs, message):
+    kwargs = {"seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        data.create_batches(IdSource(40), **kwargs)
+
+
 # --- image folders -----------------------------------------------------------------------
 
 
@@ -148,6 +269,10 @@ def test_folder_decodes_labels_and_skips_corrupt(tmp_path, caplog):
     assert mono[0]["image"].shape == (16, 16, 1)  # 12x20 -> centre 12x12 -> upsampled
     assert (mono[2]["image"][:, 8:] == 29).all()  # opaque blue as luma: 0.114 * 255
 
+    batch = next(data.create_batches(source, global_batch_size=4, seed=0, random_flip=True))
+    assert batch["image"].shape == (4, 8, 8, 3)
+    assert sorted(batch["label"].tolist()) == [0, 0, 0, 1]
+
 
 def test_folder_on_corrupt_error_names_the_file(tmp_path):
     write_folder(tmp_path)
@@ -184,6 +309,15 @@ def test_folder_layout_errors(tmp_path):
         data.create_source(folder_config(mixed), split="test")
 
 
+def test_folder_read_error_surfaces_in_next_naming_the_file(tmp_path):
+    write_folder(tmp_path)
+    source = data.create_source(folder_config(tmp_path))
+    (tmp_path / "cats" / "a.png").write_bytes(b"gone bad after the scan")
+    batches = data.create_batches(source, global_batch_size=4, seed=0, num_threads=2)
+    with pytest.raises(RuntimeError, match=r"a\.png"):
+        next(batches)
+
+
 # --- tfds --------------------------------------------------------------------------------
 
 
@@ -210,13 +344,15 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image, "label": i % 2}
 
 
-def test_tfds_mock_cifar10():
+def test_tfds_mock_cifar10_through_the_pipeline():
     with tfds.testing.mock_data(num_examples=20):
         source = data.create_source({"dataset": "cifar10", "image_size": 32, "num_channels": 3})
         assert len(source) == 20 and source.num_classes == 10
         example = source[0]
         assert example["image"].shape == (32, 32, 3) and example["image"].dtype == np.uint8
         assert example["label"].dtype == np.int32 and 0 <= example["label"] < 10
+        batch = next(data.create_batches(source, global_batch_size=8, seed=0, random_flip=True))
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].dtype == np.int32
 
         gray = data.create_source({"dataset": "cifar10", "image_size": 16, "num_channels": 1})
         assert gray[0]["image"].shape == (16, 16, 1)
