@@ -1,6 +1,23 @@
-"""Input pipelines: host-local uint8 batches; the one place that scales pixels to [-1, 1]."""
+"""Input pipelines: host-local uint8 batches; the one place that scales pixels to [-1, 1].
 
-from diffusion_jax.data.digits import load_digits
+source = data.create_source(config.data, split="train")
+it = data.create_batches(source, global_batch_size=..., seed=..., start_step=step,
+                         process_index=..., process_count=..., random_flip=...)
+"""
+
+from diffusion_jax.data.digits import DigitsSource, load_digits
+from diffusion_jax.data.folder import FolderSource
+from diffusion_jax.data.pipeline import create_batch_dataset, create_batches
 from diffusion_jax.data.scaling import to_model_range, to_uint8
+from diffusion_jax.data.sources import create_source
 
-__all__ = ["load_digits", "to_model_range", "to_uint8"]
+__all__ = [
+    "DigitsSource",
+    "FolderSource",
+    "create_batch_dataset",
+    "create_batches",
+    "create_source",
+    "load_digits",
+    "to_model_range",
+    "to_uint8",
+]

@@ -6,6 +6,11 @@ permutation (seed 0) puts 1,497 images in "train" and 300 in "test".
 """
 
 import numpy as np
+from PIL import Image
+
+from diffusion_jax.data import images as images_lib
+
+BILINEAR = Image.Resampling.BILINEAR
 
 NUM_TEST = 300
 SPLITS = ("train", "test", "all")
@@ -26,3 +31,33 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     idx = order[NUM_TEST:] if split == "train" else order[:NUM_TEST]
     idx = np.sort(idx)
     return images[idx], labels[idx]
+
+
+class DigitsSource:
+    """Random-access digits: source[i] -> {"image": uint8 (S, S, C), "label": int32}.
+
+    Native images are 8x8 grayscale. For image_size != 8 every image is resized once, at
+    construction, with PIL's BILINEAR filter. num_channels=3 replicates the gray channel into
+    R, G and B (the digits have no colour); num_channels=1 keeps it.
+    """
+
+    num_classes = 10
+
+    def __init__(self, split: str = "train", *, image_size: int = 8, num_channels: int = 1):
+        images, labels = load_digits(split)
+        if image_size != 8 or num_channels != 1:
+            images = np.stack(
+                [
+                    images_lib.fit(Image.fromarray(im[..., 0]), image_size, num_channels, BILINEAR)
+                    for im in images
+                ]
+            )
+        images.flags.writeable = False
+        labels.flags.writeable = False
+        self._images, self._labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self._images[index], "label": self._labels[index]}
