@@ -1,0 +1,109 @@
+"""Orbax checkpoints of the TrainState: save (async, atomic), keep N, restore, resume.
+
+A checkpoint holds the whole TrainState (params, EMA params, optimizer state, step, NaN
+counters) and a JSON record. The data position needs no state of its own: the batch of step s
+is a pure function of (seed, s), so restoring the step restores the data stream.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
+crash mid-save leaves the previous checkpoint usable. A checkpoint that cannot be read is moved
+aside into `<checkpoints>_unreadable/` (never deleted) and the next older one is used.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint where one was expected."""
+
+
+class Checkpointer:
+    """A CheckpointManager over `directory` for one TrainState structure."""
+
+    def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("state", "record")
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, record: dict | None = None) -> bool:
+        """Start saving `state` as checkpoint `step` (returns at once when async)."""
+        if step in self._manager.all_steps():
+            return False
+        record = dict(record or {}, step=int(step), saved_at=time.time())
+        return self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+            ),
+        )
+
+    def wait(self) -> None:
+        """Block until async saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def restore(self, step: int, abstract_state):
+        """(state, record) of checkpoint `step`; abstract_state gives structure and sharding."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+            ),
+        )
+        return out.state, dict(out.record)
+
+    def restore_latest(self, abstract_state):
+        """Restore the newest readable checkpoint: (state, record), or (None, None) if none.
+
+        Unreadable checkpoints are moved aside with a warning, never deleted.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - any read failure means "unreadable"
+                self._quarantine(step, e)
+        return None, None
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        src = self.directory / str(step)
+        dest_dir = self.directory.with_name(self.directory.name + "_unreadable")
+        dest = dest_dir / f"{step}-{int(time.time())}"
+        logging.warning(
+            "checkpoint %s cannot be read (%s: %s); moved to %s, trying an older one",
+            src,
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+            dest,
+        )
+        if jax.process_index() == 0:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self._manager.close()
+        self._manager = self._open()

@@ -1,0 +1,148 @@
+"""The train state and the jitted train step; no CLI, no file paths.
+
+One step on a global batch: uniform t, `diffusion.training_losses`, optax Adam with warmup
+and clipping, EMA of the parameters. A step whose loss or gradients are not finite leaves the
+state unchanged and is counted, so a state never holds NaNs; the loop decides (nan_policy)
+whether to stop or go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import config_dict
+
+from diffusion_jax import diffusion, schedules
+from diffusion_jax.data import to_model_range
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict
+    ema_params: dict
+    opt_state: optax.OptState
+    nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a NaN/inf loss or gradient
+    first_nonfinite_step: jax.Array  # int32 scalar: the first such step, -1 if none
+
+
+def model_config(config) -> config_dict.ConfigDict:
+    """config.model completed with what follows from the data and the diffusion settings."""
+    cfg = config_dict.ConfigDict(config.model.to_dict())
+    cfg.image_size = config.data.image_size
+    cfg.in_channels = config.data.num_channels
+    cfg.out_channels = diffusion.model_output_channels(
+        config.data.num_channels, config.diffusion.var_type
+    )
+    if config.training.get("mixed_precision", False):
+        cfg.dtype = "bfloat16"
+    return cfg
+
+
+def make_schedule(config) -> schedules.Schedule:
+    return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def learning_rate_schedule(optim, num_train_steps: int) -> optax.Schedule:
+    """Linear warmup to optim.lr, then constant (DDPM) or cosine decay to 0."""
+    if optim.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, optim.lr, optim.warmup_steps, max(num_train_steps, optim.warmup_steps + 1)
+        )
+    return optax.warmup_constant_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    optim = config.optim
+    lr = learning_rate_schedule(optim, config.training.num_train_steps)
+    adam_kw = dict(b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+    if optim.optimizer == "adamw":
+        opt = optax.adamw(lr, weight_decay=optim.get("weight_decay", 0.0), **adam_kw)
+    else:
+        opt = optax.adam(lr, **adam_kw)
+    if optim.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
+    return opt, lr
+
+
+def init_state(model, optimizer, config, key) -> TrainState:
+    """Fresh parameters (EMA starts equal to them) and optimizer state."""
+    size, channels = config.data.image_size, config.data.num_channels
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    params = model.init({"params": key}, x, t, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_schedule):
+    """step(state, images_uint8, base_key) -> (state, metrics): pure, jit it with shardings.
+
+    The step's randomness is fold_in(base_key, state.step): never reused, and the same after a
+    resume. Metrics: loss, grad_norm, lr, finite.
+    """
+    d = config.diffusion
+    ema_decay = config.optim.ema_decay
+    loss_kw = dict(
+        parameterization=d.parameterization,
+        var_type=d.var_type,
+        loss_type=d.loss_type,
+        hybrid_lambda=d.hybrid_lambda,
+    )
+
+    def step(state: TrainState, images, base_key):
+        key = jax.random.fold_in(base_key, state.step)
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        x0 = to_model_range(images)
+        t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
+
+        def loss_fn(params):
+            def denoise_fn(x_t, t_model):
+                return model.apply(
+                    {"params": params}, x_t, t_model, train=True, rngs={"dropout": dropout_key}
+                )
+
+            terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise_key, **loss_kw)
+            return jnp.mean(terms["loss"]), terms
+
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree.map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params
+        )
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            ema_params=keep_if_finite(ema_params, state.ema_params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(
+                (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+            ),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr_schedule(state.step),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step

@@ -1,0 +1,121 @@
+"""Checks of a whole experiment config at the CLI boundary, before anything compiles.
+
+Each failure is one ConfigError whose message names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from diffusion_jax import diffusion, schedules
+
+SAMPLERS = ("ddpm", "ddim")
+OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+NAN_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is meant to be shown to the user as it is."""
+
+
+def _fail(field: str, value, allowed: str):
+    raise ConfigError(f"config.{field}={value!r} is invalid: expected {allowed}")
+
+
+def _choice(config, field: str, allowed) -> None:
+    value = _get(config, field)
+    if value not in allowed:
+        _fail(field, value, "one of " + ", ".join(map(repr, allowed)))
+
+
+def _int(config, field: str, minimum: int) -> None:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, value, f"an integer >= {minimum}")
+
+
+def _float(config, field: str, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    value = _get(config, field)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        _fail(field, value, f"a number in {left}{lo}, {hi}{right}")
+
+
+def _get(config, field: str):
+    node = config
+    for part in field.split("."):
+        if part not in node:
+            raise ConfigError(f"config.{field} is missing")
+        node = node[part]
+    return node
+
+
+def validate_config(config, *, num_devices: int | None = None, process_count: int = 1) -> None:
+    """Raise ConfigError on the first bad field of an experiment config."""
+    _int(config, "seed", 0)
+    # Data.
+    dataset = _get(config, "data.dataset")
+    if not isinstance(dataset, str) or not dataset:
+        _fail("data.dataset", dataset, "'digits', 'folder:<path>' or a tfds dataset name")
+    _int(config, "data.image_size", 1)
+    _choice(config, "data.num_channels", (1, 3))
+    # Diffusion.
+    _choice(config, "diffusion.schedule", schedules.SCHEDULES)
+    _int(config, "diffusion.num_timesteps", 2)
+    _choice(config, "diffusion.parameterization", diffusion.PARAMETERIZATIONS)
+    _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
+    _choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
+    try:
+        diffusion.check_options(
+            var_type=config.diffusion.var_type, loss_type=config.diffusion.loss_type
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.diffusion.loss_type: {e}") from None
+    _float(config, "diffusion.hybrid_lambda", 0.0, float("inf"))
+    # Optimisation.
+    _choice(config, "optim.optimizer", OPTIMIZERS)
+    _float(config, "optim.lr", 0.0, 1.0, lo_open=True)
+    _int(config, "optim.warmup_steps", 0)
+    _choice(config, "optim.lr_schedule", LR_SCHEDULES)
+    _float(config, "optim.grad_clip", 0.0, float("inf"))
+    _float(config, "optim.ema_decay", 0.0, 1.0, hi_open=True)
+    _float(config, "optim.beta1", 0.0, 1.0, hi_open=True)
+    _float(config, "optim.beta2", 0.0, 1.0, hi_open=True)
+    _float(config, "optim.eps", 0.0, 1.0, lo_open=True)
+    # Training.
+    for field in ("batch_size", "num_train_steps", "log_every", "checkpoint_every"):
+        _int(config, f"training.{field}", 1)
+    _int(config, "training.sample_every", 0)
+    _int(config, "training.keep_checkpoints", 1)
+    _int(config, "training.num_preview_samples", 1)
+    _choice(config, "training.nan_policy", NAN_POLICIES)
+    batch_size = config.training.batch_size
+    if num_devices and batch_size % num_devices:
+        _fail(
+            "training.batch_size",
+            batch_size,
+            f"a multiple of the {num_devices} devices JAX sees (the global batch is split evenly)",
+        )
+    if batch_size % process_count:
+        _fail("training.batch_size", batch_size, f"a multiple of the {process_count} processes")
+    # Sampling.
+    _choice(config, "sampling.sampler", SAMPLERS)
+    _int(config, "sampling.steps", 1)
+    if config.sampling.steps > config.diffusion.num_timesteps:
+        _fail(
+            "sampling.steps",
+            config.sampling.steps,
+            f"at most diffusion.num_timesteps={config.diffusion.num_timesteps}",
+        )
+    _float(config, "sampling.eta", 0.0, 1.0)
+    _int(config, "sampling.batch_size", 1)
+    # Model: the model's own checks, with the resolved channels and size.
+    from diffusion_jax import models
+    from diffusion_jax.training import model_config
+
+    try:
+        models.create_model(model_config(config))
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
