@@ -1,15 +1,21 @@
-"""FID / IS maths against closed forms."""
+"""FID / IS maths against closed forms, and the digits classifier used as their feature net."""
 
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from scipy import linalg
 
+from diffusion_jax.data import load_digits
 from diffusion_jax.metrics import (
+    digits_classifier,
+    digits_features,
+    digits_logits,
     feature_statistics,
     fid,
     frechet_distance,
+    get_digits_classifier,
     inception_score,
     load_statistics,
     save_statistics,
@@ -173,3 +179,53 @@ def test_inception_score_rejects_bad_inputs():
         inception_score(np.full((5, 2), 0.5), num_splits=10)
     with pytest.raises(ValueError, match=r"\(N, num_classes\)"):
         inception_score(np.full(10, 0.1))
+
+
+# --- Digits classifier ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("digits_cache")
+    return cache, get_digits_classifier(cache)
+
+
+def test_digits_classifier_accuracy(digits_cache):
+    _, variables = digits_cache
+    images, labels = load_digits("test")
+    logits = digits_logits(variables, images)
+    assert logits.shape == (len(images), digits_classifier.NUM_CLASSES)
+    accuracy = np.mean(logits.argmax(axis=1) == labels)
+    assert accuracy > 0.95, accuracy
+
+
+def test_digits_classifier_cache_is_reused(digits_cache):
+    cache, trained = digits_cache
+    path = cache / digits_classifier.CACHE_FILENAME
+    mtime = path.stat().st_mtime_ns
+    reloaded = get_digits_classifier(cache)
+    assert path.stat().st_mtime_ns == mtime
+    assert jax.tree.structure(reloaded) == jax.tree.structure(trained)
+    for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_digits_fid_separates_real_from_noise(digits_cache):
+    _, variables = digits_cache
+    train, _ = load_digits("train")
+    test, _ = load_digits("test")
+    noise = np.random.default_rng(0).integers(0, 256, size=test.shape, dtype=np.uint8)
+    stats = {
+        name: feature_statistics(digits_features(variables, images))
+        for name, images in (("train", train), ("test", test), ("noise", noise))
+    }
+    assert stats["train"][0].shape == (digits_classifier.FEATURE_DIM,)
+    real_vs_real = frechet_distance(*stats["train"], *stats["test"])
+    real_vs_noise = frechet_distance(*stats["train"], *stats["noise"])
+    assert 0 < real_vs_real < 0.05 * real_vs_noise, (real_vs_real, real_vs_noise)
+
+
+def test_digits_inputs_are_checked(digits_cache):
+    _, variables = digits_cache
+    with pytest.raises(ValueError, match=r"uint8 digits images \(N, 8, 8, 1\)"):
+        digits_features(variables, np.zeros((2, 8, 8, 1), np.float32))
