@@ -1,0 +1,277 @@
+"""Import diffusers' UNet2DModel checkpoints (config.json + diffusion_pytorch_model.safetensors).
+
+Weights are read with safetensors.numpy only (never pickle). Every tensor is converted and
+shape-checked against the model built from config.json, and the import fails if any tensor is
+missing or left unused. Tensors are converted from PyTorch layouts: conv OIHW -> HWIO, Linear
+(out, in) -> (in, out), GroupNorm weight -> scale. Attention weights are accepted under their
+current names (to_q, to_k, to_v, to_out.0) and their legacy ones (query, key, value, proj_attn).
+"""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+from diffusion_jax.models import create_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+# UNet2DModel.__init__ defaults (diffusers 0.42): they apply to keys missing from config.json,
+# exactly as diffusers applies them when it loads the same folder.
+DIFFUSERS_DEFAULTS = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "num_train_timesteps": None,
+}
+
+# Options our UNet implements only at one value: key -> allowed values.
+_FIXED = {
+    "center_input_sample": (False,),
+    "time_embedding_type": ("positional",),
+    "freq_shift": (1,),
+    "flip_sin_to_cos": (False,),
+    "mid_block_type": ("UNetMidBlock2D",),
+    "mid_block_scale_factor": (1,),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),
+    "norm_eps": (1e-6,),
+    "resnet_time_scale_shift": ("default",),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+}
+_DOWNSAMPLE_PADDING = {0: "same", 1: "symmetric"}
+_ATTN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP_ATTN_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# Module lists in the diffusers state dict ("down_blocks.0" <-> our "down_blocks_0").
+_LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers")
+_LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def unet_config_from_diffusers(cfg: Mapping) -> dict:
+    """Map a UNet2DModel config (config.json as a dict) to our model config (name 'unet').
+
+    Raises ValueError naming the option when the diffusers model is not one our UNet can
+    represent exactly.
+    """
+    class_name = cfg.get("_class_name", "UNet2DModel")
+    if class_name != "UNet2DModel":
+        raise ValueError(f"diffusers config: _class_name={class_name!r}; only UNet2DModel")
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
+    if unknown:
+        raise ValueError(f"diffusers config: unsupported key(s) {unknown}")
+    c = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
+    for key, allowed in _FIXED.items():
+        if c[key] not in allowed:
+            raise ValueError(
+                f"diffusers config: {key}={c[key]!r} is not supported; allowed: "
+                f"{', '.join(map(repr, allowed))}"
+            )
+    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
+        raise ValueError(
+            f"diffusers config: attn_norm_num_groups={c['attn_norm_num_groups']!r} is not "
+            f"supported; allowed: None or norm_num_groups ({c['norm_num_groups']})"
+        )
+    if c["downsample_padding"] not in _DOWNSAMPLE_PADDING:
+        raise ValueError(
+            f"diffusers config: downsample_padding={c['downsample_padding']!r}; allowed: 0, 1"
+        )
+
+    size = c["sample_size"]
+    if isinstance(size, list | tuple):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"diffusers config: sample_size={size!r}; only square images")
+        size = size[0]
+    if size is None:
+        raise ValueError("diffusers config: sample_size is required")
+
+    widths = list(c["block_out_channels"])
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    if not (len(widths) == len(down) == len(up)):
+        raise ValueError(
+            f"diffusers config: block_out_channels={widths}, down_block_types={down} and "
+            f"up_block_types={up} must have the same length"
+        )
+    ch = widths[0]
+    if any(w % ch for w in widths):
+        raise ValueError(
+            f"diffusers config: block_out_channels={widths} are not all multiples of the first "
+            f"({ch}), so no (ch, ch_mult) describes them"
+        )
+    for block in down:
+        if block not in _ATTN_BLOCKS:
+            raise ValueError(
+                f"diffusers config: down block type {block!r} is not supported; allowed: "
+                f"{', '.join(map(repr, _ATTN_BLOCKS))}"
+            )
+    for block in up:
+        if block not in _UP_ATTN_BLOCKS:
+            raise ValueError(
+                f"diffusers config: up block type {block!r} is not supported; allowed: "
+                f"{', '.join(map(repr, _UP_ATTN_BLOCKS))}"
+            )
+    down_attn = [_ATTN_BLOCKS[b] for b in down]
+    up_attn = [_UP_ATTN_BLOCKS[b] for b in reversed(up)]
+    if down_attn != up_attn:
+        raise ValueError(
+            f"diffusers config: attention in down_block_types={down} and up_block_types={up} is "
+            "not mirrored; our UNet uses attention at the same resolutions on both paths"
+        )
+    if c["time_embedding_dim"] not in (None, 4 * ch):
+        raise ValueError(
+            f"diffusers config: time_embedding_dim={c['time_embedding_dim']!r}; allowed: None "
+            f"or 4 * block_out_channels[0] ({4 * ch})"
+        )
+    if size % 2 ** (len(widths) - 1):
+        raise ValueError(
+            f"diffusers config: sample_size={size} is not divisible by 2**{len(widths) - 1}"
+        )
+    return {
+        "name": "unet",
+        "ch": ch,
+        "ch_mult": tuple(w // ch for w in widths),
+        "num_res_blocks": c["layers_per_block"],
+        "attn_resolutions": tuple(size // 2**i for i, a in enumerate(down_attn) if a),
+        "image_size": size,
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "dropout": float(c["dropout"]),
+        "resamp_with_conv": True,
+        "downsample_padding": _DOWNSAMPLE_PADDING[c["downsample_padding"]],
+        "num_groups": c["norm_num_groups"],
+        "num_heads": 1,
+        "num_head_channels": c["attention_head_dim"],
+    }
+
+
+def _diffusers_name(path: tuple[str, ...]) -> str:
+    """Our parameter path -> diffusers module path, e.g. ('down_blocks_0', 'resnets_1', 'conv1')
+    -> 'down_blocks.0.resnets.1.conv1'."""
+    parts = []
+    for p in path:
+        head, _, index = p.rpartition("_")
+        if (head in _LIST_NAMES or head == "to_out") and index.isdigit():
+            parts += [head, index]
+        else:
+            parts.append(p)
+    return ".".join(parts)
+
+
+def _candidates(module: str) -> list[str]:
+    """Names a module may have in the file: current, then the legacy attention name."""
+    for current, legacy in _LEGACY_ATTN.items():
+        if module.endswith("." + current):
+            return [module, module[: -len(current)] + legacy]
+    return [module]
+
+
+def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a tensor that becomes our parameter `leaf` of `shape`."""
+    if leaf == "kernel" and len(shape) == 4:
+        h, w, i, o = shape
+        return (o, i, h, w)
+    if leaf == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    return shape
+
+
+def _to_flax(leaf: str, arr: np.ndarray) -> np.ndarray:
+    if leaf == "kernel" and arr.ndim == 4:
+        return arr.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and arr.ndim == 2:
+        return arr.T
+    return arr
+
+
+def convert_unet2d_state_dict(tensors: Mapping[str, np.ndarray], abstract_params) -> dict:
+    """diffusers UNet2DModel tensors -> our params tree shaped like `abstract_params`.
+
+    Raises ValueError naming the tensor when one is missing, has the wrong shape, appears under
+    both its current and legacy name, or is not used.
+    """
+    flat = traverse_util.flatten_dict(abstract_params)
+    params, used, missing = {}, set(), []
+    for path, expected in flat.items():
+        module, leaf = _diffusers_name(path[:-1]), path[-1]
+        torch_leaf = "bias" if leaf == "bias" else "weight"
+        found = [f"{m}.{torch_leaf}" for m in _candidates(module)]
+        found = [k for k in found if k in tensors]
+        if not found:
+            missing.append(f"{module}.{torch_leaf}")
+            continue
+        if len(found) > 1:
+            raise ValueError(f"diffusers weights: both {found[0]!r} and {found[1]!r} are present")
+        key = found[0]
+        arr = np.asarray(tensors[key], dtype=np.float32)
+        want = _torch_shape(leaf, tuple(expected.shape))
+        if arr.shape != want:
+            raise ValueError(
+                f"diffusers weights: tensor {key!r} has shape {arr.shape}; the model built from "
+                f"config.json expects {want}"
+            )
+        params[path] = _to_flax(leaf, arr)
+        used.add(key)
+    if missing:
+        raise ValueError(f"diffusers weights: missing tensor(s) {missing}")
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"diffusers weights: tensor(s) not used by the model: {unused}")
+    return traverse_util.unflatten_dict(params)
+
+
+def load_unet2d(path):
+    """Load a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors).
+
+    Returns (model, params): apply as model.apply({"params": params}, x_nhwc, t). For a
+    pipeline folder pass its unet/ subfolder.
+    """
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"{f} not found: expected a diffusers UNet2DModel folder holding {CONFIG_FILE} "
+                f"and {WEIGHTS_FILE} (safetensors only; for a pipeline, its unet/ subfolder)"
+            )
+    model = create_model(unet_config_from_diffusers(json.loads(config_file.read_text())))
+    b, s = 1, model.image_size
+    abstract = jax.eval_shape(
+        model.init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((b, s, s, model.in_channels), jnp.float32),
+        jax.ShapeDtypeStruct((b,), jnp.int32),
+    )["params"]
+    params = convert_unet2d_state_dict(load_file(weights_file), abstract)
+    return model, jax.tree.map(jnp.asarray, params)
