@@ -10,6 +10,7 @@ samples/step_NNNNNN.png.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import signal
 import sys
 import time
@@ -126,8 +127,16 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Drop orbax's INFO chatter (a dozen lines per checkpoint) from the console."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def train(config, workdir) -> dict:
     """Train (or resume) in `workdir`; returns the last logged metrics."""
+    logging.get_absl_logger().addFilter(_QuietLibraries())
     parallel.initialize_distributed(config.distributed)
     validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
     workdir = Path(workdir)
