@@ -274,3 +274,33 @@ def test_vb_terms_equal_their_closed_form_for_the_optimal_gaussian_model():
         mc, mc_se = vb[:, t].mean(), vb[:, t].std() / np.sqrt(vb.shape[0])
         # 5 Monte-Carlo standard errors, plus float32 relative error of the terms (1e-3).
         assert abs(mc - want_bits[t]) < 5 * mc_se + 1e-3 * want_bits[t], (t, mc, want_bits[t])
+
+
+@pytest.mark.parametrize(
+    "kwargs, t, match",
+    [
+        (
+            dict(parameterization="score"),
+            [1, 2],
+            "parameterization must be one of 'eps', 'x0', 'v'",
+        ),
+        (dict(var_type="learned"), [1, 2], "var_type must be one of"),
+        (dict(loss_type="l1"), [1, 2], "loss_type must be one of"),
+        (dict(var_type="learned_range", loss_type="simple"), [1, 2], "does not train a learned"),
+        (dict(), [0, 1000], "t must lie in \\[0, 1000\\), got values in \\[0, 1000\\]"),
+        (dict(), [-1, 3], "t must lie in"),
+        (dict(), [1, 2, 3], "t has batch size 3 but x has batch size 2"),
+    ],
+)
+def test_training_losses_rejects_bad_input_before_compiling(s, kwargs, t, match):
+    x0 = jnp.zeros((2, 4, 4, 1))
+    with pytest.raises(ValueError, match=match):
+        diffusion.training_losses(s, lambda x, t: x, x0, jnp.array(t), jax.random.key(0), **kwargs)
+
+
+def test_float_timesteps_and_wrong_output_shape_are_rejected(s):
+    x0 = jnp.zeros((2, 4, 4, 1))
+    with pytest.raises(ValueError, match="integer"):
+        diffusion.training_losses(s, lambda x, t: x, x0, jnp.array([1.0, 2.0]), jax.random.key(0))
+    with pytest.raises(ValueError, match="expected 2 channels"):
+        diffusion.p_mean_variance(s, x0, x0, jnp.array([1, 2]), var_type="learned_range")
