@@ -8,7 +8,7 @@ def get_config():
     config.seed = 0
 
     config.data = dict(
-        dataset="cifar10",  # tfds; prepare once: python -m diffusion_jax.data.prepare --dataset=cifar10
+        dataset="cifar10",  # tfds; once: python -m diffusion_jax.data.prepare --dataset=cifar10
         image_size=32,
         num_channels=3,
         random_flip=True,
@@ -43,6 +43,7 @@ def get_config():
         lr_schedule="constant",
         grad_clip=1.0,
         ema_decay=0.9999,
+        ema_warmup=False,
         beta1=0.9,
         beta2=0.999,
         eps=1e-8,

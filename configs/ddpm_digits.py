@@ -21,7 +21,7 @@ def get_config():
     )
     config.model = dict(
         name="unet",
-        ch=64,
+        ch=32,
         ch_mult=(1, 2),
         num_res_blocks=1,
         attn_resolutions=(4,),
@@ -42,26 +42,27 @@ def get_config():
     )
     config.optim = dict(
         optimizer="adam",
-        lr=1e-3,
-        warmup_steps=200,
+        lr=2e-3,
+        warmup_steps=100,
         lr_schedule="cosine",
         grad_clip=1.0,
         ema_decay=0.999,
+        ema_warmup=True,
         beta1=0.9,
         beta2=0.999,
         eps=1e-8,
     )
     config.training = dict(
-        batch_size=128,
-        num_train_steps=4000,
+        batch_size=64,
+        num_train_steps=2000,
         log_every=100,
-        checkpoint_every=1000,
-        sample_every=2000,
+        checkpoint_every=500,
+        sample_every=1000,
         keep_checkpoints=2,
         num_preview_samples=100,
         nan_policy="stop",
         mixed_precision=False,
     )
-    config.sampling = dict(sampler="ddim", steps=100, eta=0.0, clip_denoised=True, batch_size=1000)
+    config.sampling = dict(sampler="ddim", steps=50, eta=0.0, clip_denoised=True, batch_size=1000)
     config.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
     return config

@@ -162,9 +162,7 @@ def train(config, workdir) -> dict:
     optimizer, lr_schedule = training.make_optimizer(config)
     init_key, step_key, preview_key = jax.random.split(jax.random.key(config.seed), 3)
     repl = parallel.replicated(mesh)
-    init = jax.jit(
-        lambda k: training.init_state(model, optimizer, config, k), out_shardings=repl
-    )
+    init = jax.jit(lambda k: training.init_state(model, optimizer, config, k), out_shardings=repl)
 
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     abstract = jax.eval_shape(init, init_key)

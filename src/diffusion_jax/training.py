@@ -93,6 +93,7 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
     """
     d = config.diffusion
     ema_decay = config.optim.ema_decay
+    ema_warmup = config.optim.get("ema_warmup", False)
     loss_kw = dict(
         parameterization=d.parameterization,
         var_type=d.var_type,
@@ -119,8 +120,12 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        decay = ema_decay
+        if ema_warmup:  # min(decay, (1 + n) / (10 + n)): early averages forget the init faster
+            n = state.step.astype(jnp.float32)
+            decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
         ema_params = jax.tree.map(
-            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params
+            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
         )
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
