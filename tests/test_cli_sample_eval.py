@@ -155,14 +155,16 @@ def test_evaluate_fid_and_is_on_digits(workdir, cache_dir, cli_samples):
     assert fid["sampler"] is None and fid["feature_network"].startswith("digits_classifier")
     assert list((cache_dir / "fid_stats").glob("*.npz"))  # reference statistics, cached
 
-    score = evaluate_samples(workdir, "is", num_samples=10)  # sampled from the checkpoint
-    assert score["metric"] == "is" and 1.0 <= score["value"] <= 10.0 and score["std"] >= 0
-    assert (score["sampler"], score["steps"], score["num_samples"]) == ("ddim", 4, 10)
+    score = evaluate_samples(workdir, "is", num_samples=100)  # sampled from the checkpoint
+    assert score["metric"] == "is" and 1.0 < score["value"] <= 10.0 and score["std"] >= 0
+    assert (score["sampler"], score["steps"], score["num_samples"]) == ("ddim", 4, 100)
 
 
 def test_evaluate_errors(workdir, cache_dir, tmp_path):
     with pytest.raises(UserError, match="FID needs more samples than feature dimensions"):
         evaluate_samples(workdir, "fid", num_samples=64)
+    with pytest.raises(UserError, match="the Inception Score needs at least 100 samples"):
+        evaluate_samples(workdir, "is", num_samples=99)
     for bad, problem in [
         (np.zeros((80, 8, 8, 1), np.float32), "images are float32; expected uint8"),
         (np.zeros((80, 16, 16, 1), np.uint8), r"shape \(80, 16, 16, 1\); expected \(N, 8, 8, 1\)"),
@@ -173,7 +175,7 @@ def test_evaluate_errors(workdir, cache_dir, tmp_path):
     with pytest.raises(UserError, match="no such file"):
         evaluate_samples(workdir, "is", samples=tmp_path / "missing.npz")
     with pytest.raises(UserError, match="not both"):
-        evaluate_samples(workdir, "is", samples=tmp_path / "bad.npz", num_samples=10)
+        evaluate_samples(workdir, "is", samples=tmp_path / "bad.npz", num_samples=100)
     with pytest.raises(UserError, match="digits split must be one of"):
         evaluate_nll(workdir, split="validation")
     proc = run_cli("evaluate", f"--workdir={workdir}", "--metric=bpd")
@@ -224,4 +226,4 @@ def test_diffusers_import_gives_a_workdir_that_samples(cache_dir, tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         import_to_workdir(tmp_path / "unet", workdir)
     with pytest.raises(UserError, match="--metric=is is unavailable for 'cifar10'"):
-        evaluate_samples(workdir, "is", num_samples=10)
+        evaluate_samples(workdir, "is", num_samples=100)

@@ -30,10 +30,10 @@ import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from diffusion_jax import cli, data, diffusion, metrics, parallel
+from diffusion_jax import cli, data, diffusion, metrics, parallel, sample
 from diffusion_jax.metrics import digits_classifier, inception
 from diffusion_jax.metrics.cache import default_cache_dir
-from diffusion_jax.sample import define_sampler_flags, generate, sampler_options
+from diffusion_jax.sample import generate, sampler_options
 from diffusion_jax.workdir import load_config, load_workdir
 
 METRICS = ("nll", "fid", "is")
@@ -41,6 +41,7 @@ BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 REFERENCE_SPLIT = "train"
 DEFAULT_NUM_SAMPLES = 10_000
 IS_SPLITS = 10
+IS_MIN_SAMPLES = 100  # 10 per split: a split of one sample scores exactly 1
 FEATURE_CHUNK = 1000  # reference images per feature-network call
 
 
@@ -246,8 +247,11 @@ def _check_count(metric: str, n: int, network: FeatureNetwork) -> None:
             f"{network.dim}-dimensional {network.name} features, so their covariance would be "
             f"singular; use at least {network.dim + 1} (10,000 or more is usual)"
         )
-    if metric == "is" and n < IS_SPLITS:
-        raise cli.UserError(f"the Inception Score needs at least {IS_SPLITS} samples, got {n}")
+    if metric == "is" and n < IS_MIN_SAMPLES:
+        raise cli.UserError(
+            f"the Inception Score needs at least {IS_MIN_SAMPLES} samples ({IS_SPLITS} splits "
+            f"of {IS_MIN_SAMPLES // IS_SPLITS}), got {n} (50,000 is usual)"
+        )
 
 
 def evaluate_samples(
@@ -311,9 +315,16 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("samples", None, "fid/is: an .npz of uint8 images instead of sampling.")
     flags.DEFINE_integer(
+        "batch_size",
+        None,
+        "Images per batch, rounded up to a multiple of the device count (default: nll "
+        "config.training.batch_size, sampling config.sampling.batch_size).",
+    )
+    flags.DEFINE_integer(
         "t_batch_size", None, "nll: timesteps evaluated at once (memory x K; default 1)."
     )
-    define_sampler_flags()
+    sample.define_sampler_flags()
+    flags.adopt_module_key_flags(sample)  # so that --helpshort lists them too
 
 
 def main(argv) -> None:

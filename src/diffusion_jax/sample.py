@@ -83,18 +83,18 @@ def define_sampler_flags() -> None:
         "eta", None, "DDIM noise in [0, 1], 0 = deterministic; unused by ddpm (default: config)."
     )
     flags.DEFINE_integer("seed", 0, "Random seed: the same seed and batch size, the same images.")
-    flags.DEFINE_integer(
-        "batch_size",
-        None,
-        "Images per batch, rounded up to a multiple of the device count; the images depend on "
-        "it (default: config.sampling.batch_size).",
-    )
 
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.train.")
     flags.DEFINE_integer("num_samples", None, "How many images to sample.")
     flags.DEFINE_string("output", None, "The .npz to write; the PNG grid goes beside it.")
+    flags.DEFINE_integer(
+        "batch_size",
+        None,
+        "Images per batch, rounded up to a multiple of the device count; the images depend on "
+        "it (default: config.sampling.batch_size).",
+    )
     define_sampler_flags()
 
 
