@@ -77,6 +77,24 @@ class Checkpointer:
         )
         return out.state, dict(out.record)
 
+    def restore_fields(self, step: int, abstract_fields: dict):
+        """(fields, record) of checkpoint `step`, reading only the TrainState fields named in
+        `abstract_fields` (e.g. {"step": ..., "ema_params": ...}): sampling needs neither the
+        raw params nor the optimizer state, which would triple the memory with Adam."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_fields)
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True,
+                ),
+                record=ocp.args.JsonRestore(),
+            ),
+        )
+        return dict(out.state), dict(out.record)
+
     def restore_latest(self, abstract_state):
         """Restore the newest readable checkpoint: (state, record), or (None, None) if none.
 

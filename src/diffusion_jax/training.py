@@ -74,7 +74,11 @@ def init_state(model, optimizer, config, key) -> TrainState:
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    params = model.init({"params": key}, x, t, train=False)["params"]
+    return new_state(model.init({"params": key}, x, t, train=False)["params"], optimizer)
+
+
+def new_state(params, optimizer) -> TrainState:
+    """A state at step 0 around given parameters: EMA equal to them, fresh optimizer state."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

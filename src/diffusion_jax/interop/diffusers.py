@@ -5,8 +5,13 @@ shape-checked against the model built from config.json, and the import fails if 
 missing or left unused. Tensors are converted from PyTorch layouts: conv OIHW -> HWIO, Linear
 (out, in) -> (in, out), GroupNorm weight -> scale. Attention weights are accepted under their
 current names (to_q, to_k, to_v, to_out.0) and their legacy ones (query, key, value, proj_attn).
+
+As a command, `python -m diffusion_jax.interop.diffusers --input=DIR --workdir=W` turns a
+UNet2DModel folder into a workdir that the sample and evaluate CLIs (and train, to fine-tune)
+accept: config.json and a step-0 checkpoint whose params and EMA params are the imported ones.
 """
 
+import importlib.util
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,10 +19,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import traverse_util
 from safetensors.numpy import load_file
 
+from diffusion_jax import checkpointing, cli, training
 from diffusion_jax.models import create_model
+from diffusion_jax.validation import validate_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -275,3 +283,109 @@ def load_unet2d(path):
     )["params"]
     params = convert_unet2d_state_dict(load_file(weights_file), abstract)
     return model, jax.tree.map(jnp.asarray, params)
+
+
+# The repository's configs/ (absent from an installed wheel: then pass --base_config).
+DEFAULT_BASE_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "ddpm_cifar.py"
+# The model fields a workdir's config.model takes from the import; training.model_config adds
+# image_size, in_channels and out_channels from config.data and config.diffusion.
+_MODEL_FIELDS = (
+    "name",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "dropout",
+    "resamp_with_conv",
+    "downsample_padding",
+    "num_groups",
+    "num_heads",
+    "num_head_channels",
+)
+
+
+def _load_config_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise cli.UserError(f"base config {path} not found: pass --base_config=path/to/config.py")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def workdir_config(unet: Mapping, config, dataset: str):
+    """`config` (an experiment config, updated in place) with the imported UNet and the
+    published DDPM models' diffusion settings: linear betas, T = 1000, eps, sigma_t^2 = beta_t."""
+    if unet["out_channels"] != unet["in_channels"]:
+        raise cli.UserError(
+            f"the UNet outputs {unet['out_channels']} channels for {unet['in_channels']} input "
+            "channels: only eps-prediction models with a fixed variance (equal counts) import "
+            "as a DDPM workdir"
+        )
+    for field in _MODEL_FIELDS:
+        config.model[field] = unet[field]
+    config.data.dataset = dataset
+    config.data.image_size = unet["image_size"]
+    config.data.num_channels = unet["in_channels"]
+    config.diffusion.schedule = "linear"
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.parameterization = "eps"
+    config.diffusion.var_type = "fixed_large"
+    validate_config(config)
+    return config
+
+
+def import_to_workdir(input_dir, workdir, *, dataset="cifar10", base_config=None) -> dict:
+    """Write `workdir` (config.json, checkpoints/0) from a diffusers UNet2DModel folder."""
+    workdir = Path(workdir)
+    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+        raise cli.UserError(f"workdir {workdir} already holds a run: choose a new --workdir")
+    try:
+        _, params = load_unet2d(input_dir)
+        unet = unet_config_from_diffusers(json.loads((Path(input_dir) / CONFIG_FILE).read_text()))
+    except (FileNotFoundError, ValueError) as e:
+        raise cli.UserError(str(e)) from None
+    base = _load_config_file(DEFAULT_BASE_CONFIG if base_config is None else base_config)
+    config = workdir_config(unet, base, dataset)
+    optimizer, _ = training.make_optimizer(config)
+    state = training.new_state(params, optimizer)
+    ckpt = checkpointing.Checkpointer(
+        workdir / "checkpoints", keep=config.training.keep_checkpoints
+    )
+    try:
+        ckpt.save(0, state, {"imported_from": str(Path(input_dir).absolute())})
+    finally:
+        ckpt.close()
+    # Written last: a workdir with a config.json always has its checkpoint.
+    (workdir / "config.json").write_text(config.to_json(indent=2))
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"workdir": str(workdir), "num_params": num_params, "dataset": dataset}
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("input", None, "A diffusers UNet2DModel folder (a pipeline's unet/).")
+    flags.DEFINE_string("workdir", None, "The workdir to create.")
+    flags.DEFINE_string(
+        "dataset", "cifar10", "The model's dataset, recorded as data.dataset (for FID/NLL)."
+    )
+    flags.DEFINE_string(
+        "base_config",
+        None,
+        f"Experiment config file to start from (default {DEFAULT_BASE_CONFIG}).",
+    )
+
+
+def main(argv) -> None:
+    del argv
+    cli.quiet_libraries()
+    f = flags.FLAGS
+    with cli.user_errors():
+        cli.require_flags("input", "workdir")
+        record = import_to_workdir(f.input, f.workdir, dataset=f.dataset, base_config=f.base_config)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

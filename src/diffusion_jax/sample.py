@@ -1,0 +1,122 @@
+"""Sample a trained workdir: `python -m diffusion_jax.sample --workdir=W --num_samples=N
+--output=F.npz [--sampler=ddpm|ddim --steps=K --eta=E --seed=S --batch_size=B]`.
+
+Uses the EMA parameters of the newest readable checkpoint; sampler, steps, eta and batch size
+default to the workdir's config.sampling. Writes F.npz (`images`: uint8 (N, H, W, C), no
+pickle) and a PNG grid of the first 100 images beside it (F.png), and prints one JSON line.
+The images are a function of (checkpoint, sampler, steps, eta, seed, batch size): the same
+flags give the same images. Bad input is reported as one `error:` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from diffusion_jax import cli, grid, parallel, sampling
+from diffusion_jax.metrics.cache import save_tree
+from diffusion_jax.validation import SAMPLERS
+from diffusion_jax.workdir import Workdir, load_config, load_workdir
+
+GRID_IMAGES = 100
+
+
+def sampler_options(config, *, sampler=None, steps=None, eta=None, batch_size=None) -> dict:
+    """The options make_sampler takes: the given ones, else config.sampling's; checked."""
+    sc, num_timesteps = config.sampling, config.diffusion.num_timesteps
+    sampler = sc.sampler if sampler is None else sampler
+    steps = sc.steps if steps is None else steps
+    eta = sc.eta if eta is None else eta
+    batch_size = sc.batch_size if batch_size is None else batch_size
+    if sampler not in SAMPLERS:
+        raise cli.UserError(f"--sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= num_timesteps:
+        raise cli.UserError(
+            f"--steps={steps}: expected 1 to {num_timesteps} (the workdir's "
+            "diffusion.num_timesteps)"
+        )
+    if not 0.0 <= eta <= 1.0:
+        raise cli.UserError(f"--eta={eta}: expected a number in [0, 1]")
+    if batch_size < 1:
+        raise cli.UserError(f"--batch_size={batch_size}: expected a positive integer")
+    return dict(sampler=sampler, steps=steps, eta=float(eta), batch_size=batch_size)
+
+
+def generate(wd: Workdir, num_samples: int, options: dict, *, seed: int = 0, mesh=None):
+    """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`."""
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    sample = sampling.make_sampler(wd.model, wd.schedule, wd.config, mesh, progress=True)
+    return sample(wd.params, jax.random.key(seed), num_samples, **options)
+
+
+def run(workdir, num_samples: int, output, *, seed: int = 0, **options) -> dict:
+    """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record."""
+    start = time.time()
+    if num_samples < 1:
+        raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
+    output = Path(output)
+    if output.suffix != ".npz":
+        raise cli.UserError(f"--output={output}: expected a file name ending in .npz")
+    config = load_config(workdir)
+    options = sampler_options(config, **options)
+    mesh = parallel.make_mesh()
+    wd = load_workdir(workdir, config=config, mesh=mesh)
+    images = generate(wd, num_samples, options, seed=seed, mesh=mesh)
+    record = dict(output=str(output), grid=None, num_samples=num_samples, seed=seed, **options)
+    if jax.process_index() == 0:
+        save_tree(output, {"images": images})
+        record["grid"] = str(grid.save_grid(images[:GRID_IMAGES], output.with_suffix(".png")))
+    return dict(record, step=wd.step, seconds=round(time.time() - start, 3))
+
+
+def define_sampler_flags() -> None:
+    """Flags shared with the evaluate CLI, which samples when it is given no samples file."""
+    flags.DEFINE_string("sampler", None, "ddpm or ddim (default: config.sampling.sampler).")
+    flags.DEFINE_integer(
+        "steps", None, "Denoising steps, 1 to T, evenly spaced (default: config.sampling.steps)."
+    )
+    flags.DEFINE_float(
+        "eta", None, "DDIM noise in [0, 1], 0 = deterministic; unused by ddpm (default: config)."
+    )
+    flags.DEFINE_integer("seed", 0, "Random seed: the same seed and batch size, the same images.")
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.train.")
+    flags.DEFINE_integer("num_samples", None, "How many images to sample.")
+    flags.DEFINE_string("output", None, "The .npz to write; the PNG grid goes beside it.")
+    flags.DEFINE_integer(
+        "batch_size",
+        None,
+        "Images per batch, rounded up to a multiple of the device count; the images depend on "
+        "it (default: config.sampling.batch_size).",
+    )
+    define_sampler_flags()
+
+
+def main(argv) -> None:
+    del argv
+    cli.quiet_libraries()
+    f = flags.FLAGS
+    with cli.user_errors():
+        cli.require_flags("workdir", "num_samples", "output")
+        record = run(
+            f.workdir,
+            f.num_samples,
+            f.output,
+            seed=f.seed,
+            sampler=f.sampler,
+            steps=f.steps,
+            eta=f.eta,
+            batch_size=f.batch_size,
+        )
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,229 @@
+"""End to end: sample and evaluate a workdir trained in-process for a few steps, and import a
+diffusers UNet2DModel as a workdir. Each CLI runs as a subprocess, as a user runs it, once to
+succeed and (sample, evaluate) once to fail with exit code 2; the other cases call the
+functions behind the flags, since JAX start-up costs seconds per process."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import checkpointing, sample, train
+from diffusion_jax.cli import UserError
+from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
+from diffusion_jax.interop.diffusers import import_to_workdir, load_unet2d
+from diffusion_jax.metrics import digits_classifier
+from diffusion_jax.metrics.cache import save_tree
+from diffusion_jax.workdir import load_workdir
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import ddpm_digits  # noqa: E402
+
+# T = 25: the linear schedule scales beta_T = 0.02 * 1000 / T, which reaches 1 (alpha_bar_T = 0,
+# infinite x_0 predictions) at T = 20.
+NUM_TIMESTEPS = 25
+
+
+def tiny_config():
+    config = ddpm_digits.get_config()
+    config.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=8)
+    config.diffusion.num_timesteps = NUM_TIMESTEPS
+    config.training.update(batch_size=8, num_train_steps=3, sample_every=0, checkpoint_every=3)
+    config.sampling.update(steps=4, batch_size=8)
+    return config
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A fresh metrics cache for this module, holding an untrained digits classifier: these
+    tests check the plumbing, not the scores, and training it (test_metrics does) takes ~10 s."""
+    path = tmp_path_factory.mktemp("cache")
+    x = jax.ShapeDtypeStruct((1, *digits_classifier.IMAGE_SHAPE), np.float32)
+    shapes = jax.eval_shape(digits_classifier.DigitsCNN().init, jax.random.key(0), x)
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda s: rng.normal(0.0, 0.1, s.shape).astype(np.float32), shapes)
+    save_tree(path / digits_classifier.CACHE_FILENAME, weights)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFUSION_JAX_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.train(tiny_config(), path)
+    finally:  # train installs SIGINT/SIGTERM handlers for its loop; give pytest its own back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return path
+
+
+def run_cli(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", f"diffusion_jax.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
+
+
+def load_images(path):
+    with np.load(path, allow_pickle=False) as f:
+        return f["images"]
+
+
+@pytest.fixture(scope="module")
+def cli_samples(workdir, tmp_path_factory):
+    """72 samples (more than the digits features' 64 dimensions, for FID) from the CLI."""
+    out = tmp_path_factory.mktemp("samples") / "cli.npz"
+    proc = run_cli("sample", f"--workdir={workdir}", "--num_samples=72", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sample_cli_writes_images_and_same_seed_gives_same_images(workdir, cli_samples, tmp_path):
+    out, record = cli_samples
+    assert record["num_samples"] == 72 and record["step"] == 3 and record["output"] == str(out)
+    assert (record["sampler"], record["steps"], record["seed"]) == ("ddim", 4, 0)
+    images = load_images(out)
+    assert images.dtype == np.uint8 and images.shape == (72, 8, 8, 1)
+    assert out.with_suffix(".png").is_file()
+
+    # Batch b draws fold_in(key, b): with the batch size fixed, fewer samples are a prefix.
+    again = sample.run(workdir, 12, tmp_path / "again.npz", seed=0)
+    np.testing.assert_array_equal(load_images(again["output"]), images[:12])
+    other = sample.run(workdir, 12, tmp_path / "other.npz", seed=1)
+    assert not np.array_equal(load_images(other["output"]), images[:12])
+
+
+def test_sample_errors(workdir, tmp_path):
+    out = tmp_path / "x.npz"
+    with pytest.raises(UserError, match="does not exist"):
+        sample.run(tmp_path / "missing", 4, out)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(workdir / "config.json", bare)
+    with pytest.raises(UserError, match="no checkpoint in"):
+        sample.run(bare, 4, out)
+    (bare / "checkpoints" / "7").mkdir(parents=True)  # an unreadable checkpoint is skipped
+    with pytest.raises(checkpointing.CheckpointError, match="could be read"):
+        sample.run(bare, 4, out)
+    assert (bare / "checkpoints" / "7").is_dir()  # ... and left where it is
+    with pytest.raises(UserError, match=f"--steps=26: expected 1 to {NUM_TIMESTEPS}"):
+        sample.run(workdir, 4, out, steps=NUM_TIMESTEPS + 1)
+    with pytest.raises(UserError, match=r"--eta=1.5: expected a number in \[0, 1\]"):
+        sample.run(workdir, 4, out, eta=1.5)
+    with pytest.raises(UserError, match="--output=.*ending in .npz"):
+        sample.run(workdir, 4, tmp_path / "x.png")
+    proc = run_cli(
+        "sample", f"--workdir={workdir}", "--num_samples=4", f"--output={out}", "--sampler=plms"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --sampler='plms': expected one of ddpm, ddim"
+    assert not out.exists()
+
+
+def test_evaluate_nll_parts_sum_to_total(workdir):
+    record = evaluate_nll(workdir, split="test", num_samples=10, batch_size=8)
+    parts = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
+    assert all(np.isfinite(record[k]) and record[k] >= 0 for k in parts)
+    np.testing.assert_allclose(
+        record["prior_bpd"] + record["terms_bpd"], record["total_bpd"], rtol=1e-6
+    )
+    assert record["decoder_bpd"] <= record["terms_bpd"]
+    assert record["num_examples"] == 10 and record["step"] == 3
+    saved = json.loads((workdir / "eval" / "nll_test.json").read_text())
+    assert saved == record
+
+
+def test_evaluate_fid_and_is_on_digits(workdir, cache_dir, cli_samples):
+    proc = run_cli(
+        "evaluate", f"--workdir={workdir}", "--metric=fid", f"--samples={cli_samples[0]}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    fid = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fid["metric"] == "fid" and fid["num_samples"] == 72 and fid["value"] > 0
+    assert fid["sampler"] is None and fid["feature_network"].startswith("digits_classifier")
+    assert list((cache_dir / "fid_stats").glob("*.npz"))  # reference statistics, cached
+
+    score = evaluate_samples(workdir, "is", num_samples=100)  # sampled from the checkpoint
+    assert score["metric"] == "is" and 1.0 < score["value"] <= 10.0 and score["std"] >= 0
+    assert (score["sampler"], score["steps"], score["num_samples"]) == ("ddim", 4, 100)
+
+
+def test_evaluate_errors(workdir, cache_dir, tmp_path):
+    with pytest.raises(UserError, match="FID needs more samples than feature dimensions"):
+        evaluate_samples(workdir, "fid", num_samples=64)
+    with pytest.raises(UserError, match="the Inception Score needs at least 100 samples"):
+        evaluate_samples(workdir, "is", num_samples=99)
+    for bad, problem in [
+        (np.zeros((80, 8, 8, 1), np.float32), "images are float32; expected uint8"),
+        (np.zeros((80, 16, 16, 1), np.uint8), r"shape \(80, 16, 16, 1\); expected \(N, 8, 8, 1\)"),
+    ]:
+        np.savez(tmp_path / "bad.npz", images=bad)
+        with pytest.raises(UserError, match=problem):
+            evaluate_samples(workdir, "fid", samples=tmp_path / "bad.npz")
+    with pytest.raises(UserError, match="no such file"):
+        evaluate_samples(workdir, "is", samples=tmp_path / "missing.npz")
+    with pytest.raises(UserError, match="not both"):
+        evaluate_samples(workdir, "is", samples=tmp_path / "bad.npz", num_samples=100)
+    with pytest.raises(UserError, match="digits split must be one of"):
+        evaluate_nll(workdir, split="validation")
+    proc = run_cli("evaluate", f"--workdir={workdir}", "--metric=bpd")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --metric='bpd': expected one of nll, fid, is"
+
+
+@pytest.mark.interop
+def test_diffusers_import_gives_a_workdir_that_samples(cache_dir, tmp_path):
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_eps=1e-6,
+        freq_shift=1,
+        flip_sin_to_cos=False,
+        attention_head_dim=8,
+    )
+    unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    workdir = tmp_path / "imported"
+    proc = run_cli("interop.diffusers", f"--input={tmp_path / 'unet'}", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["dataset"] == "cifar10"
+
+    wd = load_workdir(workdir)
+    _, params = load_unet2d(tmp_path / "unet")
+    assert wd.step == 0
+    assert jax.tree.structure(wd.params) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(wd.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(got, want)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["downsample_padding"] == "symmetric"
+    assert config["model"]["num_head_channels"] == 8
+    assert config["diffusion"]["num_timesteps"] == 1000 and config["data"]["dataset"] == "cifar10"
+
+    out = sample.run(workdir, 2, tmp_path / "s.npz", steps=2, batch_size=8)
+    images = load_images(out["output"])
+    assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 3)
+
+    with pytest.raises(UserError, match="already holds a run"):
+        import_to_workdir(tmp_path / "unet", workdir)
+    with pytest.raises(UserError, match="--metric=is is unavailable for 'cifar10'"):
+        evaluate_samples(workdir, "is", num_samples=100)
