@@ -93,7 +93,8 @@ def test_respacing_keeps_alphas_cumprod_at_kept_steps():
         (lambda: schedules.make_schedule("lin", 10), "unknown schedule 'lin'"),
         (lambda: schedules.make_schedule("linear", 0), "num_timesteps must be >= 1"),
         (lambda: schedules.make_schedule("linear", 2.5), "num_timesteps must be an int"),
-        (lambda: schedules.make_schedule("linear", 10), "outside \\(0, 1\\]"),
+        (lambda: schedules.make_schedule("linear", 10), "outside \\(0, 1\\)"),
+        (lambda: schedules.make_schedule("linear", 20), "use more timesteps"),
         (lambda: schedules.space_timesteps(100, 101), "num_steps must be in \\[1, T=100\\]"),
         (lambda: schedules.respace(schedules.make_schedule("linear", 100), [5, 3]), "increasing"),
         (

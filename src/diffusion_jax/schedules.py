@@ -101,10 +101,14 @@ def get_beta_schedule(
     else:  # cosine
         alpha_bar = _cosine_alpha_bar(num_timesteps, cosine_s)
         betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
-    if not (np.all(betas > 0) and np.all(betas <= 1)):
+    # Only jsd may reach beta = 1 (by design): elsewhere it makes alpha_bar_T = 0 and the
+    # x_0 prediction at t = T divides by zero.
+    upper_ok = np.all(betas <= 1) if name == "jsd" else np.all(betas < 1)
+    if not (np.all(betas > 0) and upper_ok):
         raise ValueError(
-            f"schedule {name!r} with T={num_timesteps} gives betas outside (0, 1] "
-            f"(min {betas.min():.3g}, max {betas.max():.3g}); set beta_start/beta_end explicitly"
+            f"schedule {name!r} with T={num_timesteps} gives betas outside (0, 1) "
+            f"(min {betas.min():.3g}, max {betas.max():.3g}); use more timesteps or set "
+            "beta_start/beta_end explicitly"
         )
     return betas
 
