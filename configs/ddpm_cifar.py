@@ -60,5 +60,11 @@ def get_config():
         mixed_precision=False,
     )
     config.sampling = dict(sampler="ddpm", steps=1000, eta=0.0, clip_denoised=True, batch_size=256)
-    config.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
+    config.distributed = dict(
+        coordinator_address="",  # "host:port" of process 0, or "auto" (TPU pods, SLURM)
+        num_processes=1,
+        process_id=0,
+        initialization_timeout=300,  # seconds to wait for every process to join
+        heartbeat_timeout=100,  # seconds of silence after which a process is declared dead
+    )
     return config

@@ -5,24 +5,41 @@ counters) and a JSON record. The data position needs no state of its own: the ba
 is a pure function of (seed, s), so restoring the step restores the data stream.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-crash mid-save leaves the previous checkpoint usable. A checkpoint that cannot be read is moved
-aside into `<checkpoints>_unreadable/` (never deleted) and the next older one is used.
+crash mid-save leaves the previous checkpoint usable (the half-written temporary directory is
+removed when the checkpoints are next opened). The record holds the SHA-256 of the state's
+bytes, checked on restore: orbax itself does not notice flipped bits in array data. A
+checkpoint that cannot be read or fails the check is moved aside into
+`<checkpoints>_unreadable/` (never deleted) and the next older one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
-    """No readable checkpoint where one was expected."""
+    """No readable checkpoint where one was expected, or one that fails its checksum."""
+
+
+def state_digest(state) -> str:
+    """SHA-256 of every leaf's path, dtype, shape and bytes (leaves replicated or addressable)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_fully_replicated:
+            leaf = leaf.addressable_data(0)
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype.str} {array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 class Checkpointer:
@@ -31,7 +48,10 @@ class Checkpointer:
     def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
         self.directory = Path(directory).absolute()
         self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
         )
         self._manager = self._open()
 
@@ -50,7 +70,9 @@ class Checkpointer:
         """Start saving `state` as checkpoint `step` (returns at once when async)."""
         if step in self._manager.all_steps():
             return False
-        record = dict(record or {}, step=int(step), saved_at=time.time())
+        record = dict(
+            record or {}, step=int(step), saved_at=time.time(), state_sha256=state_digest(state)
+        )
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(
@@ -67,7 +89,10 @@ class Checkpointer:
         self._manager.close()
 
     def restore(self, step: int, abstract_state):
-        """(state, record) of checkpoint `step`; abstract_state gives structure and sharding."""
+        """(state, record) of checkpoint `step`; abstract_state gives structure and sharding.
+
+        Raises CheckpointError if the state does not match the checksum saved with it.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         out = self._manager.restore(
             int(step),
@@ -75,7 +100,14 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
             ),
         )
-        return out.state, dict(out.record)
+        record = dict(out.record)
+        expected = record.get("state_sha256")
+        if expected is not None and state_digest(out.state) != expected:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)}: the state's bytes do not match the "
+                "SHA-256 saved with them (corrupted on disk)"
+            )
+        return out.state, record
 
     def restore_fields(self, step: int, abstract_fields: dict):
         """(fields, record) of checkpoint `step`, reading only the TrainState fields named in

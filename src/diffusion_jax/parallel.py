@@ -19,19 +19,27 @@ def initialize_distributed(dist_config) -> None:
 
     coordinator_address set: join it as process_id of num_processes. coordinator_address
     "auto": let JAX detect the cluster (TPU pods, SLURM, ...). Empty: single process.
+
+    initialization_timeout (s, default 300): how long to wait for every peer to join.
+    heartbeat_timeout (s, default 100): a peer silent this long is declared dead, and JAX's
+    coordination service then terminates every process ("Terminating process because the JAX
+    distributed service detected fatal errors"), so no process waits forever on a dead one.
     """
     address = dist_config.get("coordinator_address", "") or ""
     if not address:
         return
-    timeout = int(dist_config.get("initialization_timeout", 300))
+    timeouts = dict(
+        initialization_timeout=int(dist_config.get("initialization_timeout", 300)),
+        heartbeat_timeout_seconds=int(dist_config.get("heartbeat_timeout", 100)),
+    )
     if address == "auto":
-        jax.distributed.initialize(initialization_timeout=timeout)
+        jax.distributed.initialize(**timeouts)
     else:
         jax.distributed.initialize(
             coordinator_address=address,
             num_processes=int(dist_config.num_processes),
             process_id=int(dist_config.process_id),
-            initialization_timeout=timeout,
+            **timeouts,
         )
     logging.info(
         "process %d of %d, %d local / %d global devices",

@@ -5,14 +5,22 @@ command on the same workdir resumes from its newest readable checkpoint, exactly
 and the randomness of step s depend only on (seed, s). SIGTERM / SIGINT save a checkpoint and
 exit 0. The workdir gets config.json, checkpoints/, metrics.jsonl, tensorboard/ and
 samples/step_NNNNNN.png.
+
+A bad config or flag exits 2 with one line on stderr, `error: ...`, before anything compiles.
+After a crash, the same command resumes from the newest checkpoint that reads back intact, and
+metrics.jsonl and the TensorBoard events are rewound to that step, so every logged step appears
+once.
 """
 
 from __future__ import annotations
 
 import json
 import logging as pylogging
+import math
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +31,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from diffusion_jax import checkpointing, data, grid, models, parallel, sampling, training
-from diffusion_jax.validation import ConfigError, validate_config
+from diffusion_jax.validation import ConfigError, check_devices, validate_config
 
 # Fields that fix the shapes of the parameters: a workdir trained with other values cannot be
 # resumed with this config.
@@ -70,21 +78,41 @@ def check_workdir_config(workdir: Path, config) -> None:
             )
 
 
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only."""
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (and a crash) see the old file or the new one, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
-    def __init__(self, workdir: Path):
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only.
+
+    Opened at `start_step` (the step the run resumes from), it first drops what a crashed run
+    logged after that step, and any line cut short by the crash: those steps are logged again.
+    Non-finite values are written as null (metrics.jsonl stays strict JSON).
+    """
+
+    def __init__(self, workdir: Path, start_step: int):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self._jsonl = open(workdir / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+            path = workdir / "metrics.jsonl"
+            if path.exists():
+                _write_atomically(path, "".join(_lines_until(path, start_step)))
+            self._jsonl = open(path, "a")
+            # purge_step: TensorBoard hides the events a crashed run wrote after start_step.
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        record = {
+            k: v if not isinstance(v, float) or math.isfinite(v) else None
+            for k, v in metrics.items()
+        }
+        self._jsonl.write(json.dumps({"step": step, **record}, allow_nan=False) + "\n")
         self._jsonl.flush()
         for name, value in metrics.items():
             self._tb.add_scalar(name, value, step)
@@ -96,13 +124,39 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _lines_until(path: Path, step: int) -> list[str]:
+    """The complete lines of a metrics.jsonl that log steps <= step."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
+
+
 class StopRequest:
-    """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary."""
+    """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary.
+
+    A context manager: the handlers are installed on entry (from the main thread) and the
+    previous ones restored on exit, so train() can be called in-process.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -134,27 +188,41 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def train(config, workdir) -> dict:
-    """Train (or resume) in `workdir`; returns the last logged metrics."""
-    logging.get_absl_logger().addFilter(_QuietLibraries())
-    parallel.initialize_distributed(config.distributed)
-    validate_config(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    workdir = Path(workdir)
-    check_workdir_config(workdir, config)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2))
+def _quiet_libraries() -> None:
+    logger = logging.get_absl_logger()
+    if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
+        logger.addFilter(_QuietLibraries())
 
+
+def train(config, workdir) -> dict:
+    """Train (or resume) in `workdir`; returns the last logged metrics.
+
+    Raises ConfigError / UserError for bad input, before anything compiles.
+    """
+    _quiet_libraries()
+    validate_config(config)  # numpy only: before JAX starts and before joining peers
+    workdir = Path(workdir)
+    check_workdir_config(workdir, config)  # every process reads before process 0 writes
+    with StopRequest() as stop:
+        parallel.initialize_distributed(config.distributed)
+        check_devices(config, num_devices=jax.device_count(), process_count=jax.process_count())
+        return _train(config, workdir, stop)
+
+
+def _train(config, workdir: Path, stop: StopRequest) -> dict:
     tc = config.training
     try:
         source = data.create_source(config.data, split="train")
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"config.data: {e}") from None
+    except (ValueError, OSError, RuntimeError) as e:
+        raise UserError(f"config.data.dataset={config.data.dataset!r}: {e}") from None
     if tc.batch_size > len(source):
         raise UserError(
             f"config.training.batch_size={tc.batch_size} is larger than the {len(source)} "
             f"training examples of {config.data.dataset!r}"
         )
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(workdir / "config.json", config.to_json(indent=2))
 
     mesh = parallel.make_mesh()
     model = models.create_model(training.model_config(config))
@@ -198,9 +266,8 @@ def train(config, workdir) -> dict:
         process_count=jax.process_count(),
         random_flip=config.data.random_flip,
     )
-    writer = MetricsWriter(workdir)
-    stop = StopRequest()
-    last_saved = start_step if record is not None else None
+    writer = MetricsWriter(workdir, start_step)
+    last_saved = start_step  # restored from there, or a fresh start: nothing new to save
     last_metrics: dict = {}
 
     def save(step: int) -> None:
@@ -223,7 +290,8 @@ def train(config, workdir) -> dict:
     t_last, step_last = time.time(), start_step
     step = start_step
     try:
-        for step in range(start_step + 1, tc.num_train_steps + 1):
+        while step < tc.num_train_steps and not stop.requested(step, tc.log_every):
+            step += 1
             batch = parallel.global_batch(next(batches)["image"], mesh)
             state, metrics = step_fn(state, batch, step_key)
             if step % tc.log_every == 0 or step == tc.num_train_steps:
@@ -257,12 +325,11 @@ def train(config, workdir) -> dict:
                 check_finite(step)
                 save(step)
             if tc.sample_every and step % tc.sample_every == 0:
+                logging.info("sampling %d previews at step %d", tc.num_preview_samples, step)
                 images = sample(state.ema_params, preview_key, tc.num_preview_samples)
                 if jax.process_index() == 0:
                     path = grid.save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
                     logging.info("samples: %s", path)
-            if stop.requested(step, tc.log_every):
-                break
         check_finite(step)
         save(step)
     finally:
@@ -279,15 +346,67 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _exit_with_error(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an error, on one line (ml_collections nests a KeyError's in others')."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    return " ".join(text.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with any error (unknown flag or config field, bad value) reported
+    as one `error:` line naming the flag, and exit status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _exit_with_error(_one_line(e))
+    except OSError as e:  # the config file did not load
+        _exit_with_error(f"--config: {_one_line(e)}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections applying a --config.a.b=v override: a misspelt field, a wrong type.
+        message = _one_line(e)
+        field = message.split()[0].strip("'\"") if message else ""
+        culprit = next(
+            (a for a in argv[1:] if a.startswith("--config.") and f".{field}" in a.split("=")[0]),
+            "a --config override",
+        )
+        what = "no such config field" if isinstance(e, AttributeError | KeyError) else "bad value"
+        _exit_with_error(f"{culprit}: {what} ({message})")
+
+
 def main(argv):
     del argv
+    config = FLAGS.config
     try:
-        train(FLAGS.config, FLAGS.workdir)
+        config.keys()
+    except OSError as e:  # ml_collections defers a config file's load error to its first use
+        _exit_with_error(f"--config: {_one_line(e)}")
+    try:
+        train(config, FLAGS.workdir)
     except (ConfigError, UserError, checkpointing.CheckpointError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_with_error(str(e))
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        # A failed collective (gloo "Connection reset by peer", ...) surfaces as one of several
+        # exception types. Exit at once: JAX's exit-time shutdown would wait for the lost
+        # process until heartbeat_timeout, then abort.
+        logging.exception("process %d failed", jax.process_index())
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()} failed: "
+            f"{type(e).__name__}: {_one_line(e)}; in a multi-process run this usually means "
+            "that another process died or hangs (see its log)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -27,7 +27,7 @@ class TrainState:
     ema_params: dict
     opt_state: optax.OptState
     nonfinite_steps: jax.Array  # int32 scalar: updates skipped for a NaN/inf loss or gradient
-    first_nonfinite_step: jax.Array  # int32 scalar: the first such step, -1 if none
+    first_nonfinite_step: jax.Array  # int32 scalar: first such step, as logged (1-based); -1: none
 
 
 def model_config(config) -> config_dict.ConfigDict:
@@ -143,7 +143,9 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
             opt_state=keep_if_finite(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             first_nonfinite_step=jnp.where(
-                (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+                (state.first_nonfinite_step < 0) & ~finite,
+                state.step + 1,  # the loop and metrics.jsonl call this update step state.step + 1
+                state.first_nonfinite_step,
             ),
         )
         metrics = {

@@ -1,9 +1,13 @@
 """Checks of a whole experiment config at the CLI boundary, before anything compiles.
 
 Each failure is one ConfigError whose message names the field, the value and what is allowed.
+`validate_config` uses numpy and plain Python only, so it runs before JAX starts a backend (and
+before a multi-process run joins its peers); `check_devices` needs the device count.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from diffusion_jax import diffusion, schedules
 
@@ -53,7 +57,10 @@ def _get(config, field: str):
 
 
 def validate_config(config, *, num_devices: int | None = None, process_count: int = 1) -> None:
-    """Raise ConfigError on the first bad field of an experiment config."""
+    """Raise ConfigError on the first bad field of an experiment config.
+
+    With num_devices, also `check_devices(config, num_devices, process_count)`.
+    """
     _int(config, "seed", 0)
     # Data.
     dataset = _get(config, "data.dataset")
@@ -65,6 +72,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _choice(config, "diffusion.schedule", schedules.SCHEDULES)
     _int(config, "diffusion.num_timesteps", 2)
     _choice(config, "diffusion.parameterization", diffusion.PARAMETERIZATIONS)
+    _check_schedule(config.diffusion)
     _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
     _choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
     try:
@@ -91,15 +99,6 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _int(config, "training.keep_checkpoints", 1)
     _int(config, "training.num_preview_samples", 1)
     _choice(config, "training.nan_policy", NAN_POLICIES)
-    batch_size = config.training.batch_size
-    if num_devices and batch_size % num_devices:
-        _fail(
-            "training.batch_size",
-            batch_size,
-            f"a multiple of the {num_devices} devices JAX sees (the global batch is split evenly)",
-        )
-    if batch_size % process_count:
-        _fail("training.batch_size", batch_size, f"a multiple of the {process_count} processes")
     # Sampling.
     _choice(config, "sampling.sampler", SAMPLERS)
     _int(config, "sampling.steps", 1)
@@ -119,3 +118,53 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         models.create_model(model_config(config))
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
+    # Multi-process settings: checked before joining, so a typo cannot leave peers waiting.
+    _str(config, "distributed.coordinator_address")
+    _int(config, "distributed.num_processes", 1)
+    process_id = _get(config, "distributed.process_id")
+    num_processes = config.distributed.num_processes
+    if isinstance(process_id, bool) or not isinstance(process_id, int):
+        _fail("distributed.process_id", process_id, f"an integer in [0, {num_processes - 1}]")
+    if not 0 <= process_id < num_processes:
+        _fail("distributed.process_id", process_id, f"an integer in [0, {num_processes - 1}]")
+    for field in ("initialization_timeout", "heartbeat_timeout"):
+        if field in config.distributed:
+            _int(config, f"distributed.{field}", 1)
+    if num_devices is not None:
+        check_devices(config, num_devices=num_devices, process_count=process_count)
+
+
+def check_devices(config, *, num_devices: int, process_count: int = 1) -> None:
+    """The global batch must split evenly over the devices and the processes."""
+    batch_size = config.training.batch_size
+    if batch_size % num_devices:
+        _fail(
+            "training.batch_size",
+            batch_size,
+            f"a multiple of the {num_devices} devices JAX sees (the global batch is split evenly)",
+        )
+    if batch_size % process_count:
+        _fail("training.batch_size", batch_size, f"a multiple of the {process_count} processes")
+
+
+def _str(config, field: str) -> None:
+    value = _get(config, field)
+    if not isinstance(value, str):
+        _fail(field, value, "a string")
+
+
+def _check_schedule(d) -> None:
+    """The betas must be valid, and eps-prediction needs alpha_bar > 0 at the last step."""
+    try:
+        betas = schedules.get_beta_schedule(d.schedule, d.num_timesteps)
+    except ValueError as e:
+        reason = str(e).split(";")[0]
+        _fail("diffusion.num_timesteps", d.num_timesteps, f"a T {d.schedule!r} allows: {reason}")
+    if d.parameterization == "eps" and np.float32(np.prod(1.0 - betas)) == 0.0:
+        _fail(
+            "diffusion.num_timesteps",
+            d.num_timesteps,
+            f"a T whose {d.schedule!r} schedule keeps alpha_bar > 0 at the last step (here beta "
+            "reaches 1, where eps-prediction cannot recover x0 and samples are NaN); use a larger "
+            "T, another schedule, or parameterization 'v' or 'x0'",
+        )
