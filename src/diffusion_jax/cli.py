@@ -49,4 +49,6 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def quiet_libraries() -> None:
-    logging.get_absl_logger().addFilter(_QuietLibraries())
+    logger = logging.get_absl_logger()
+    if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
+        logger.addFilter(_QuietLibraries())

@@ -15,7 +15,6 @@ once.
 from __future__ import annotations
 
 import json
-import logging as pylogging
 import math
 import os
 import signal
@@ -31,7 +30,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from diffusion_jax import checkpointing, data, grid, models, parallel, sampling, training
-from diffusion_jax.validation import ConfigError, check_devices, validate_config
+from diffusion_jax.cli import USER_ERRORS, UserError, quiet_libraries
+from diffusion_jax.validation import check_devices, validate_config
 
 # Fields that fix the shapes of the parameters: a workdir trained with other values cannot be
 # resumed with this config.
@@ -49,10 +49,6 @@ SHAPE_FIELDS = (
     "diffusion.var_type",
     "optim.optimizer",
 )
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
 
 
 def _field(cfg: dict, field: str):
@@ -181,25 +177,12 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Drop orbax's INFO chatter (a dozen lines per checkpoint) from the console."""
-
-    def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
-def _quiet_libraries() -> None:
-    logger = logging.get_absl_logger()
-    if not any(isinstance(f, _QuietLibraries) for f in logger.filters):
-        logger.addFilter(_QuietLibraries())
-
-
 def train(config, workdir) -> dict:
     """Train (or resume) in `workdir`; returns the last logged metrics.
 
     Raises ConfigError / UserError for bad input, before anything compiles.
     """
-    _quiet_libraries()
+    quiet_libraries()
     validate_config(config)  # numpy only: before JAX starts and before joining peers
     workdir = Path(workdir)
     check_workdir_config(workdir, config)  # every process reads before process 0 writes
@@ -347,7 +330,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _exit_with_error(message: str):
-    print(f"error: {message}", file=sys.stderr)
+    print("error: " + " ".join(message.split()), file=sys.stderr)
     sys.exit(2)
 
 
@@ -389,7 +372,7 @@ def main(argv):
         _exit_with_error(f"--config: {_one_line(e)}")
     try:
         train(config, FLAGS.workdir)
-    except (ConfigError, UserError, checkpointing.CheckpointError) as e:
+    except USER_ERRORS as e:
         _exit_with_error(str(e))
     except Exception as e:
         if jax.process_count() == 1:
