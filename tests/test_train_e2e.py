@@ -6,6 +6,8 @@ the same program); the exact-resume and bad-config tables run in-process through
 
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -190,9 +192,6 @@ def test_cli_rejects_bad_input_with_exit_2_and_one_line(tmp_path, overrides, pat
 
 
 def test_cli_reports_a_missing_config_file_in_one_line(tmp_path):
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [
             sys.executable,
