@@ -16,8 +16,10 @@ from train_harness import Run, checkpoint_steps, cli_env, load_state, read_metri
 
 pytestmark = pytest.mark.slow
 
-# Summing per-device gradients in another order (XLA's in-process all-reduce vs gloo's) may
-# change the last bit of a float32 sum; over 6 Adam steps that stays far below this.
+# The two devices' partial sums meet in one all-reduce: XLA's in-process one, or gloo's across
+# processes. With two addends the order cannot matter, and losses and states come out
+# bit-identical here; the tolerance leaves room for a float32 reduction in another order (more
+# processes, another collective library), a few ulps per step over 6 Adam steps.
 RTOL = 1e-5
 
 
