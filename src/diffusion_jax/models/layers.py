@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.conv import conv_general_dilated
+
 NORM_EPS = 1e-6
 DOWNSAMPLE_PADDINGS = {"same": ((0, 1), (0, 1)), "symmetric": ((1, 1), (1, 1))}
 
@@ -29,6 +31,7 @@ def conv3x3(features, dtype, name, strides=1, padding=((1, 1), (1, 1)), kernel_i
         dtype=dtype,
         kernel_init=kernel_init,
         name=name,
+        conv_general_dilated=conv_general_dilated,
     )
 
 
@@ -99,6 +102,7 @@ class ResnetBlock(nn.Module):
                 dtype=self.dtype,
                 kernel_init=default_init,
                 name="conv_shortcut",
+                conv_general_dilated=conv_general_dilated,
             )(x)
         return x + h
 

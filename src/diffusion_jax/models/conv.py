@@ -1,0 +1,141 @@
+"""Convolution for the UNet's layers: `lax.conv_general_dilated`, with a faster kernel gradient
+on CPU.
+
+For a stride-1 "same" convolution with a k x k kernel (k odd: the UNet's 3x3 and 1x1 convs),
+the kernel gradient is dW[i, j] = sum over (b, h, w) of x[b, h, w]^T dy[b, h - i + p, w - j + p]
+(p = k // 2, dy zero outside the image): k * k matrix products contracting over B*H*W. XLA:CPU
+lowers the same gradient as a convolution whose window is the whole image, which measured 20-50x
+slower at batch 32 on 32x32 images (experiments/bench_train.py, README "Performance"). On other
+backends, and for every other convolution, XLA's own gradient is used unchanged; the forward
+pass and the input gradient are XLA's convolutions everywhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _same_conv(x, w, precision=None):
+    p = w.shape[0] // 2
+    return lax.conv_general_dilated(
+        x, w, (1, 1), ((p, p), (p, p)), dimension_numbers=NHWC, precision=precision
+    )
+
+
+def kernel_grad_by_matmul(x, dy, k: int, precision=None):
+    """dW (k, k, C, D) of a stride-1 same conv from its input x and output cotangent dy, NHWC."""
+    b, h, w, c = x.shape
+    d = dy.shape[-1]
+    p = k // 2
+    xs = x.reshape(b * h * w, c)
+    dyp = jnp.pad(dy, ((0, 0), (p, p), (p, p), (0, 0)))
+    shifted = [
+        dyp[:, 2 * p - i : 2 * p - i + h, 2 * p - j : 2 * p - j + w].reshape(b * h * w, d)
+        for i in range(k)
+        for j in range(k)
+    ]
+    # Without the barrier XLA folds the reshapes back into an image-sized convolution.
+    xs, *shifted = lax.optimization_barrier((xs, *shifted))
+    contract = (((0,), (0,)), ((), ()))
+    dw = [
+        lax.dot_general(xs, s, contract, precision=precision, preferred_element_type=jnp.float32)
+        for s in shifted
+    ]
+    return jnp.stack(dw).reshape(k, k, c, d)
+
+
+def _xla_kernel_grad(x, dy, k: int, precision=None):
+    w_shape = jax.ShapeDtypeStruct((k, k, x.shape[-1], dy.shape[-1]), x.dtype)
+    (dw,) = jax.linear_transpose(lambda w: _same_conv(x, w, precision), w_shape)(dy)
+    return dw
+
+
+@jax.custom_vjp
+def same_conv(x, w):
+    """Stride-1 NHWC/HWIO convolution with an odd k x k kernel padded by k // 2 on every side."""
+    return _same_conv(x, w)
+
+
+def _same_conv_fwd(x, w):
+    return _same_conv(x, w), (x, w)
+
+
+def _same_conv_bwd(residuals, dy):
+    x, w = residuals
+    k = w.shape[0]
+    (dx,) = jax.linear_transpose(lambda x: _same_conv(x, w), x)(dy)
+    dw = lax.platform_dependent(
+        x,
+        dy,
+        cpu=lambda x, dy: kernel_grad_by_matmul(x, dy, k).astype(w.dtype),
+        default=lambda x, dy: _xla_kernel_grad(x, dy, k).astype(w.dtype),
+    )
+    return dx, dw
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def _is_same_conv(
+    rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+) -> bool:
+    k = rhs.shape[0]
+    if rhs.ndim != 4 or rhs.shape[1] != k or k % 2 == 0 or feature_group_count != 1:
+        return False
+    if isinstance(padding, str):
+        padding = [(k // 2, k // 2)] * 2 if padding.upper() == "SAME" else None
+    pads = [tuple(p) for p in padding] if padding is not None else None
+    ones = (1, 1)
+    specs = tuple(getattr(dimension_numbers, f, None) for f in ("lhs_spec", "rhs_spec", "out_spec"))
+    return (
+        pads == [(k // 2, k // 2)] * 2
+        and tuple(window_strides) == ones
+        and tuple(lhs_dilation or ones) == ones
+        and tuple(rhs_dilation or ones) == ones
+        and specs == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # NHWC, HWIO, NHWC
+    )
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
+    """Drop-in for lax.conv_general_dilated (flax nn.Conv's `conv_general_dilated` field)."""
+    if (
+        precision is None
+        and not kwargs
+        and _is_same_conv(
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+        )
+    ):
+        return same_conv(lhs, rhs)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        precision=precision,
+        **kwargs,
+    )

@@ -1,0 +1,142 @@
+"""The UNet's convolution: same values and gradients as lax.conv_general_dilated, with the kernel
+gradient of stride-1 same convolutions computed as matrix products (models/conv.py).
+
+Tolerances: float32 sums of B*H*W*C (at most 2,000) products in a different order; the
+rounding is about sqrt(n) * 6e-8 ~ 3e-6 of the largest entry, so 1e-5 relative to the largest
+entry is the stated bound. The reference kernel gradient is a float64 loop over the k * k shifts.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from diffusion_jax.models import conv, create_model, layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+RTOL = 1e-5
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+def kernel_grad_float64(x, dy, k):
+    """dW[i, j] = sum_{b,h,w} xpad[b, h + i, w + j]^T dy[b, h, w]: the definition, in float64."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    p = k // 2
+    _, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    dw = np.zeros((k, k, x.shape[-1], dy.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            dw[i, j] = np.einsum("bhwc,bhwd->cd", xp[:, i : i + h, j : j + w], dy)
+    return dw
+
+
+def random(shape, seed):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "k, shape", [(3, (2, 8, 8, 5, 7)), (1, (3, 6, 6, 4, 6)), (3, (1, 5, 3, 2, 3))]
+)
+def test_kernel_grad_by_matmul_is_the_definition(k, shape):
+    b, h, w, c, d = shape
+    x, dy = random((b, h, w, c), 0), random((b, h, w, d), 1)
+    got = jax.jit(conv.kernel_grad_by_matmul, static_argnums=2)(x, dy, k)
+    assert got.shape == (k, k, c, d)
+    assert rel_err(got, kernel_grad_float64(x, dy, k)) < RTOL
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_same_conv_value_and_gradients_equal_lax(k):
+    x, w = random((2, 8, 8, 6), 2), 0.3 * random((k, k, 6, 5), 3)
+
+    def loss(conv_fn, x, w):
+        return jnp.sum(jnp.sin(conv_fn(x, w)))
+
+    def lax_conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+
+    assert rel_err(conv.same_conv(x, w), lax_conv(x, w)) < RTOL
+    ours = jax.jit(jax.grad(lambda x, w: loss(conv.same_conv, x, w), (0, 1)))(x, w)
+    ref = jax.grad(lambda x, w: loss(lax_conv, x, w), (0, 1))(x, w)
+    for g, r in zip(ours, ref, strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        assert rel_err(g, r) < RTOL
+
+
+def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
+    x, w = random((2, 4, 4, 3), 4), random((3, 3, 3, 2), 5)
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    dw = jax.grad(lambda w: jnp.sum(conv.same_conv(x16, w).astype(jnp.float32) ** 2))(w16)
+    assert dw.dtype == jnp.bfloat16
+    ref = jax.grad(lambda w: jnp.sum(conv.same_conv(x, w) ** 2))(w)
+    assert rel_err(dw, ref) < 2e-2  # bfloat16 inputs: 8 mantissa bits, about 4e-3 per operand
+
+
+CASES = [  # (kernel, strides, padding, routed to same_conv)
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), True),
+    ((3, 3), (1, 1), "SAME", True),
+    ((1, 1), (1, 1), "SAME", True),
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), True),
+    ((3, 3), (2, 2), ((0, 1), (0, 1)), False),  # the DDPM downsample
+    ((3, 3), (1, 1), ((0, 0), (0, 0)), False),  # valid padding
+    ((2, 2), (1, 1), "SAME", False),  # even kernel
+]
+
+
+@pytest.mark.parametrize("kernel, strides, padding, routed", CASES)
+def test_conv_general_dilated_is_a_drop_in(kernel, strides, padding, routed):
+    x, w = random((2, 8, 8, 3), 6), random((*kernel, 3, 4), 7)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+    def ours(x, w):
+        return conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=dn)
+
+    assert ("custom_vjp_call" in str(jax.make_jaxpr(ours)(x, w))) == routed
+    assert rel_err(ours(x, w), ref(x, w)) < RTOL
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
+    for g, r in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        assert rel_err(g, r) < RTOL
+
+
+def test_unet_gradient_equals_the_one_through_lax_convolutions(monkeypatch):
+    model = create_model(
+        dict(
+            name="unet",
+            ch=16,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(4,),
+            image_size=8,
+            in_channels=3,
+            num_groups=8,
+        )
+    )
+    x = jax.random.uniform(jax.random.key(8), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
+    t = jnp.array([3, 700])
+    params = model.init(jax.random.key(9), x, t)["params"]
+    # zero-initialised last convs would make many gradients exactly zero: perturb every leaf
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(10), len(leaves))
+    params = tree.unflatten(
+        [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+
+    def grads():
+        return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2))(params)
+
+    ours = grads()
+    monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
+    ref = grads()
+    errs = jax.tree.map(rel_err, ours, ref)
+    assert max(jax.tree.leaves(errs)) < RTOL, errs
