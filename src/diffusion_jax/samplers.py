@@ -102,7 +102,12 @@ def prepare_schedule(s: Schedule, num_steps: int | None = None) -> Schedule:
         return s
     sub = schedules.respace(s, schedules.space_timesteps(num_timesteps, num_steps))
     pad = num_timesteps - num_steps
-    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), sub)
+
+    def padded(a):  # on the host: no op is compiled for a new step count
+        a = np.asarray(a)
+        return jnp.asarray(np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]))
+
+    return jax.tree.map(padded, sub)
 
 
 def run_chain(
