@@ -105,7 +105,7 @@ def prepare_schedule(s: Schedule, num_steps: int | None = None) -> Schedule:
 
     def padded(a):  # on the host: no op is compiled for a new step count
         a = np.asarray(a)
-        return jnp.asarray(np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]))
+        return jax.device_put(np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]))
 
     return jax.tree.map(padded, sub)
 

@@ -14,7 +14,6 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "const", "jsd", "warmup10", "warmup50")
@@ -155,8 +154,10 @@ def from_betas(betas, timesteps=None) -> Schedule:
             / (1.0 - alphas_cumprod),
             fixed_large_log_variance=np.log(np.append(first, betas[1:])),
         )
-    arrays = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()}
-    return Schedule(**arrays, timesteps=jnp.asarray(timesteps, dtype=jnp.int32))
+    # Cast on the host and device_put: jnp.asarray would compile a cast (or, with several
+    # devices, a staging program) for every new length, e.g. each respaced step count.
+    arrays = {k: jax.device_put(np.asarray(v, dtype=np.float32)) for k, v in tables.items()}
+    return Schedule(**arrays, timesteps=jax.device_put(np.asarray(timesteps, dtype=np.int32)))
 
 
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
