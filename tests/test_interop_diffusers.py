@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from diffusion_jax.interop.diffusers import WEIGHTS_FILE, load_unet2d, unet_config_from_diffusers
+from diffusion_jax.interop.diffusers import (
+    WEIGHTS_FILE,
+    diffusers_config_from_unet,
+    load_unet2d,
+    unet_config_from_diffusers,
+)
 from diffusion_jax.models.layers import timestep_embedding
 
 diffusers = pytest.importorskip("diffusers")
@@ -186,6 +191,44 @@ def test_published_ddpm_cifar_config_mapping():
         "num_heads": 1,
         "num_head_channels": None,
     }
+
+
+@pytest.mark.parametrize("kwargs", [SMALL, DDPM_CIFAR], ids=["small", "ddpm_cifar"])
+def test_diffusers_config_from_unet_inverts_the_import_mapping(kwargs):
+    ours = unet_config_from_diffusers(kwargs)
+    theirs = diffusers_config_from_unet(ours)
+    assert unet_config_from_diffusers(theirs) == ours
+    # The network UNet2DModel builds from it has our parameter count, tensor for tensor.
+    model = diffusers.UNet2DModel(**theirs)
+    _, params = load_unet2d_from_model(model, ours)
+    n_ours = sum(p.size for p in jax.tree.leaves(params))
+    assert n_ours == sum(p.numel() for p in model.parameters())
+
+
+def load_unet2d_from_model(model, ours):
+    """Our (model, params) converted from an in-memory UNet2DModel via its state dict."""
+    from diffusion_jax.interop.diffusers import convert_unet2d_state_dict
+    from diffusion_jax.models import create_model
+
+    net = create_model(ours)
+    size, c = ours["image_size"], ours["in_channels"]
+    abstract = jax.eval_shape(
+        lambda: net.init(jax.random.key(0), jnp.zeros((1, size, size, c)), jnp.zeros((1,), int))
+    )["params"]
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return net, convert_unet2d_state_dict(tensors, abstract)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(num_classes=10), r"num_classes=10 has no UNet2DModel form"),
+        (dict(num_heads=4), r"num_heads=4; UNet2DModel sets heads"),
+    ],
+)
+def test_diffusers_config_from_unet_refuses_what_unet2d_lacks(change, match):
+    with pytest.raises(ValueError, match=match):
+        diffusers_config_from_unet({**unet_config_from_diffusers(SMALL), **change})
 
 
 @pytest.mark.parametrize(

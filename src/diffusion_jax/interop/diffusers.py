@@ -184,6 +184,52 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
     }
 
 
+def diffusers_config_from_unet(model_cfg: Mapping) -> dict:
+    """Our UNet config -> the UNet2DModel keyword arguments of the identical network.
+
+    The inverse of unet_config_from_diffusers (benchmarks build the PyTorch peer with it).
+    Raises ValueError for what UNet2DModel cannot express: class or image conditioning, and
+    several attention heads without num_head_channels.
+    """
+    cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+    if cfg.get("name", "unet") != "unet":
+        raise ValueError(f"diffusers_config_from_unet: name={cfg['name']!r}; only 'unet'")
+    for key in ("num_classes", "cond_channels"):
+        if cfg.get(key, 0):
+            raise ValueError(
+                f"diffusers_config_from_unet: {key}={cfg[key]} has no UNet2DModel form"
+            )
+    if not cfg.get("resamp_with_conv", True):
+        raise ValueError(
+            "diffusers_config_from_unet: resamp_with_conv=False has no UNet2DModel form"
+        )
+    head_channels = cfg.get("num_head_channels")
+    if head_channels is None and cfg.get("num_heads", 1) != 1:
+        raise ValueError(
+            f"diffusers_config_from_unet: num_heads={cfg['num_heads']}; UNet2DModel sets heads "
+            "by num_head_channels (attention_head_dim) or uses one head"
+        )
+    size, ch = cfg["image_size"], cfg["ch"]
+    attn = [size // 2**i in tuple(cfg["attn_resolutions"]) for i in range(len(cfg["ch_mult"]))]
+    padding = {v: k for k, v in _DOWNSAMPLE_PADDING.items()}[cfg.get("downsample_padding", "same")]
+    return {
+        "sample_size": size,
+        "in_channels": cfg["in_channels"],
+        "out_channels": cfg.get("out_channels") or cfg["in_channels"],
+        "block_out_channels": tuple(ch * m for m in cfg["ch_mult"]),
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        "up_block_types": tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        "layers_per_block": cfg["num_res_blocks"],
+        "dropout": float(cfg.get("dropout", 0.0)),
+        "norm_num_groups": cfg.get("num_groups", 32),
+        "norm_eps": 1e-6,
+        "freq_shift": 1,
+        "flip_sin_to_cos": False,
+        "attention_head_dim": head_channels,
+        "downsample_padding": padding,
+    }
+
+
 def _diffusers_name(path: tuple[str, ...]) -> str:
     """Our parameter path -> diffusers module path, e.g. ('down_blocks_0', 'resnets_1', 'conv1')
     -> 'down_blocks.0.resnets.1.conv1'."""
