@@ -1,0 +1,131 @@
+"""What bench_train.py and bench_sample.py share: config loading, timing, the matmul ceiling,
+XLA's FLOP count, and the diffusers (PyTorch) peer of a config's UNet.
+
+Timings are medians of several calls after warm-up; speed is reported as ratios measured in the
+same command, never asserted.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_config(path: str, overrides: list[str]):
+    """get_config() of a config file, with "a.b=value" overrides (values parsed as Python)."""
+    spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            node[leaf] = value  # a bare string
+    return config
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n float32 matmul in JAX: the machine's practical compute ceiling."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    seconds = median_seconds(lambda: f(a, b).block_until_ready(), repeats)
+    return 2 * n**3 / seconds / 1e9
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}); JAX {jax.__version__} on {len(devices)} "
+        f"{devices[0].platform} device(s)"
+    )
+
+
+def has_diffusers() -> bool:
+    return all(importlib.util.find_spec(m) for m in ("torch", "diffusers"))
+
+
+def diffusers_unet(config):
+    """diffusers' UNet2DModel of the identical architecture (the PyTorch peer)."""
+    import diffusers
+
+    from diffusion_jax.interop.diffusers import diffusers_config_from_unet
+
+    return diffusers.UNet2DModel(**diffusers_config_from_unet(training.model_config(config)))
+
+
+def torch_images(config, batch: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    s, c = config.data.image_size, config.data.num_channels
+    return torch.rand(batch, c, s, s, generator=g) * 2 - 1
+
+
+def report(rows: list[dict], header: str, json_path: str | None) -> None:
+    """Print rows as an aligned table; also write them (with the machine) as JSON if asked."""
+    print(header)
+    print(machine())
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float | np.floating):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)

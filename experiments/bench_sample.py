@@ -1,0 +1,137 @@
+"""Inference and sampler throughput for a config's UNet.
+
+    python experiments/bench_sample.py                                  # DDPM CIFAR-10, batch 8, 32
+    python experiments/bench_sample.py --config=configs/ddpm_digits.py --batch-sizes=1000
+    python experiments/bench_sample.py --vs-diffusers                   # + PyTorch peer, ratios
+
+Per batch size: one jitted model forward (images/s, GFLOP/s from XLA's cost analysis, fraction
+of a 4096^2 float32 matmul measured in the same command); the compiled sampler that train.py and
+sample.py use (sampling.make_sampler, a lax.fori_loop chain) at --steps and 2 x --steps, giving
+the time per chain step as the difference of the two over the extra steps, and its ratio to the
+single forward (the goal: within 5%); and whether the second call compiled anything (the step
+count is traced, so it must not). With --vs-diffusers, the same forward in PyTorch (diffusers'
+UNet2DModel of the identical architecture, torch.inference_mode) and ours/theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import bench_common as bc
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import models, parallel, sampling, training
+
+
+class CompileCounter:
+    """Counts XLA compilations while active (jax.monitoring's backend-compile events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            self.count += 1
+
+
+def measure(batch, args, config, model, params, sample, method, mesh, compiles, ceiling) -> dict:
+    """One table row: the forward, the sampler per step and the PyTorch peer at `batch`."""
+    s, c = config.data.image_size, config.data.num_channels
+    x = parallel.global_batch(
+        np.random.default_rng(0).standard_normal((batch, s, s, c), np.float32), mesh
+    )
+    t = jnp.full((batch,), 500, jnp.int32)
+    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+    compiled = forward.lower(params, x, t).compile()
+    flops = bc.compiled_flops(compiled)
+    f_sec = bc.median_seconds(lambda: compiled(params, x, t).block_until_ready(), args.repeats)
+
+    def chain(steps):
+        return lambda: sample(
+            params, jax.random.key(2), batch, batch_size=batch, sampler=method, steps=steps
+        )
+
+    short = bc.median_seconds(chain(args.steps), args.repeats)
+    before = compiles.count
+    long = bc.median_seconds(chain(2 * args.steps), args.repeats, warmup=1)
+    per_step = (long - short) / args.steps
+    row = {
+        "batch": batch,
+        "images/s": batch / f_sec,
+        "forward_ms": 1e3 * f_sec,
+        "GFLOP/s": flops / f_sec / 1e9,
+        "of_matmul": flops / f_sec / 1e9 / ceiling,
+        f"{method}_step_ms": 1e3 * per_step,
+        "step/forward": per_step / f_sec,
+        "recompiled": compiles.count > before,
+    }
+    if args.vs_diffusers:
+        import torch
+
+        net = bc.diffusers_unet(config).eval()
+        xt, tt = bc.torch_images(config, batch), torch.full((batch,), 500)
+
+        def torch_forward():
+            with torch.inference_mode():
+                net(xt, tt)
+
+        t_sec = bc.median_seconds(torch_forward, args.repeats)
+        row["torch_images/s"] = batch / t_sec
+        row["ours/torch"] = t_sec / f_sec
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/ddpm_cifar.py")
+    p.add_argument("--batch-sizes", default="8,32", help="comma-separated batch sizes")
+    p.add_argument("--steps", type=int, default=4, help="chain steps of the shorter sampler run")
+    p.add_argument("--sampler", default=None, help="ddpm or ddim (default: the config's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, e.g. --set model.dtype=bfloat16",
+    )
+    p.add_argument("--vs-diffusers", action="store_true", help="also time the PyTorch peer")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args()
+    config = bc.load_config(args.config, args.set)
+    if args.vs_diffusers and not bc.has_diffusers():
+        sys.exit('--vs-diffusers needs torch and diffusers: pip install -e ".[interop]"')
+
+    compiles = CompileCounter()
+    ceiling = bc.matmul_ceiling()
+    mesh = parallel.make_mesh()
+    model = models.create_model(training.model_config(config))
+    s, c = config.data.image_size, config.data.num_channels
+    params = jax.jit(
+        lambda k: model.init(k, jnp.zeros((1, s, s, c)), jnp.zeros((1,), jnp.int32))["params"],
+        out_shardings=parallel.replicated(mesh),
+    )(jax.random.key(0))
+    sample = sampling.make_sampler(model, training.make_schedule(config), config, mesh)
+    method = args.sampler or config.sampling.sampler
+    rows = [
+        measure(int(b), args, config, model, params, sample, method, mesh, compiles, ceiling)
+        for b in args.batch_sizes.split(",")
+    ]
+    extra = f"; overrides {args.set}" if args.set else ""
+    bc.report(
+        rows,
+        f"inference and {method} sampler ({args.steps} vs {2 * args.steps} steps), "
+        f"{args.config}{extra}; matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 float32, JAX, "
+        "same command)",
+        args.json,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end on the digits config and report sane rows.
+
+No timing is asserted (speed is reported as ratios by the scripts, never tested); what is
+asserted: every number is finite and positive, the FLOP count matches between rows, the
+PyTorch peer ran, and the sampler did not recompile when only its step count changed.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("diffusers")
+
+
+def run_bench(script, tmp_path, *args):
+    out = tmp_path / f"{script}.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / script),
+        "--config=configs/ddpm_digits.py",
+        "--repeats=1",
+        "--vs-diffusers",
+        f"--json={out}",
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "matmul ceiling" in proc.stdout and "ours/torch" in proc.stdout
+    return json.loads(out.read_text())["rows"]
+
+
+def positive(row, *keys):
+    for k in keys:
+        assert math.isfinite(row[k]) and row[k] > 0, (k, row)
+
+
+def test_bench_train_reports_ours_and_the_peer(tmp_path):
+    rows = run_bench("bench_train.py", tmp_path, "--batch-sizes=8,16")
+    assert [r["batch"] for r in rows] == [8, 16]
+    for r in rows:
+        positive(
+            r, "images/s", "GFLOP/step", "GFLOP/s", "of_matmul", "torch_images/s", "ours/torch"
+        )
+    # the step's FLOPs grow with the batch (forward and backward are per image)
+    assert 1.5 < rows[1]["GFLOP/step"] / rows[0]["GFLOP/step"] < 2.5
+
+
+def test_bench_sample_does_not_recompile_for_a_new_step_count(tmp_path):
+    rows = run_bench("bench_sample.py", tmp_path, "--batch-sizes=8", "--steps=2")
+    (r,) = rows
+    positive(r, "images/s", "GFLOP/s", "of_matmul", "torch_images/s", "ours/torch")
+    assert r["recompiled"] is False
