@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from test_unet import tiny
 
-from diffusion_jax.models import conv, create_model, layers
+from diffusion_jax.models import conv, layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RTOL = 1e-5
@@ -110,18 +111,7 @@ def test_conv_general_dilated_is_a_drop_in(kernel, strides, padding, routed):
 
 
 def test_unet_gradient_equals_the_one_through_lax_convolutions(monkeypatch):
-    model = create_model(
-        dict(
-            name="unet",
-            ch=16,
-            ch_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(4,),
-            image_size=8,
-            in_channels=3,
-            num_groups=8,
-        )
-    )
+    model = tiny()
     x = jax.random.uniform(jax.random.key(8), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
     t = jnp.array([3, 700])
     params = model.init(jax.random.key(9), x, t)["params"]

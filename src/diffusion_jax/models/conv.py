@@ -81,11 +81,21 @@ same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
 def _is_same_conv(
-    rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **other,
 ) -> bool:
     k = rhs.shape[0]
     if rhs.ndim != 4 or rhs.shape[1] != k or k % 2 == 0 or feature_group_count != 1:
         return False
+    if precision is not None or any(v not in (None, 1) for v in other.values()):
+        return False  # batch groups, a preferred output type: leave them to XLA
     if isinstance(padding, str):
         padding = [(k // 2, k // 2)] * 2 if padding.upper() == "SAME" else None
     pads = [tuple(p) for p in padding] if padding is not None else None
@@ -100,42 +110,8 @@ def _is_same_conv(
     )
 
 
-def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    precision=None,
-    **kwargs,
-):
+def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
     """Drop-in for lax.conv_general_dilated (flax nn.Conv's `conv_general_dilated` field)."""
-    if (
-        precision is None
-        and not kwargs
-        and _is_same_conv(
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-        )
-    ):
+    if _is_same_conv(rhs, window_strides, padding, **kwargs):
         return same_conv(lhs, rhs)
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        precision=precision,
-        **kwargs,
-    )
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
