@@ -7,6 +7,7 @@ same command, never asserted.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import json
@@ -23,6 +24,25 @@ import numpy as np
 from diffusion_jax import training
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def argument_parser(doc: str, batch_help: str, repeats: int) -> argparse.ArgumentParser:
+    """The options both benchmarks take: --config, --batch-sizes, --repeats, --set,
+    --vs-diffusers, --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/ddpm_cifar.py")
+    p.add_argument("--batch-sizes", default="8,32", help=batch_help)
+    p.add_argument("--repeats", type=int, default=repeats, help="timed calls; the median counts")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, e.g. --set training.mixed_precision=True",
+    )
+    p.add_argument("--vs-diffusers", action="store_true", help="also time the PyTorch peer")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    return p
 
 
 def load_config(path: str, overrides: list[str]):

@@ -15,7 +15,6 @@ UNet2DModel of the identical architecture, torch.inference_mode) and ours/theirs
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import bench_common as bc
@@ -88,21 +87,9 @@ def measure(batch, args, config, model, params, sample, method, mesh, compiles, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="configs/ddpm_cifar.py")
-    p.add_argument("--batch-sizes", default="8,32", help="comma-separated batch sizes")
+    p = bc.argument_parser(__doc__, "comma-separated batch sizes", repeats=3)
     p.add_argument("--steps", type=int, default=4, help="chain steps of the shorter sampler run")
     p.add_argument("--sampler", default=None, help="ddpm or ddim (default: the config's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="config override, e.g. --set model.dtype=bfloat16",
-    )
-    p.add_argument("--vs-diffusers", action="store_true", help="also time the PyTorch peer")
-    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     config = bc.load_config(args.config, args.set)
     if args.vs_diffusers and not bc.has_diffusers():

@@ -129,20 +129,8 @@ def memory_child(config, batch: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="configs/ddpm_cifar.py")
-    p.add_argument("--batch-sizes", default="8,32", help="comma-separated global batch sizes")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="config override, e.g. --set training.mixed_precision=True",
-    )
-    p.add_argument("--vs-diffusers", action="store_true", help="also time the PyTorch peer")
+    p = bc.argument_parser(__doc__, "comma-separated global batch sizes", repeats=5)
     p.add_argument("--memory", action="store_true", help="peak memory of a step, per batch")
-    p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     config = bc.load_config(args.config, args.set)
