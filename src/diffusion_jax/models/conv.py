@@ -19,14 +19,12 @@ from jax import lax
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _same_conv(x, w, precision=None):
+def _same_conv(x, w):
     p = w.shape[0] // 2
-    return lax.conv_general_dilated(
-        x, w, (1, 1), ((p, p), (p, p)), dimension_numbers=NHWC, precision=precision
-    )
+    return lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)), dimension_numbers=NHWC)
 
 
-def kernel_grad_by_matmul(x, dy, k: int, precision=None):
+def kernel_grad_by_matmul(x, dy, k: int):
     """dW (k, k, C, D) of a stride-1 same conv from its input x and output cotangent dy, NHWC."""
     b, h, w, c = x.shape
     d = dy.shape[-1]
@@ -41,16 +39,13 @@ def kernel_grad_by_matmul(x, dy, k: int, precision=None):
     # Without the barrier XLA folds the reshapes back into an image-sized convolution.
     xs, *shifted = lax.optimization_barrier((xs, *shifted))
     contract = (((0,), (0,)), ((), ()))
-    dw = [
-        lax.dot_general(xs, s, contract, precision=precision, preferred_element_type=jnp.float32)
-        for s in shifted
-    ]
+    dw = [lax.dot_general(xs, s, contract, preferred_element_type=jnp.float32) for s in shifted]
     return jnp.stack(dw).reshape(k, k, c, d)
 
 
-def _xla_kernel_grad(x, dy, k: int, precision=None):
+def _xla_kernel_grad(x, dy, k: int):
     w_shape = jax.ShapeDtypeStruct((k, k, x.shape[-1], dy.shape[-1]), x.dtype)
-    (dw,) = jax.linear_transpose(lambda w: _same_conv(x, w, precision), w_shape)(dy)
+    (dw,) = jax.linear_transpose(lambda w: _same_conv(x, w), w_shape)(dy)
     return dw
 
 
