@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import norm
 from diffusion_jax.models.conv import conv_general_dilated
 
 NORM_EPS = 1e-6
@@ -35,8 +36,24 @@ def conv3x3(features, dtype, name, strides=1, padding=((1, 1), (1, 1)), kernel_i
     )
 
 
-def group_norm(num_groups, dtype, name):
-    return nn.GroupNorm(num_groups=num_groups, epsilon=NORM_EPS, dtype=dtype, name=name)
+class GroupNorm(nn.Module):
+    """nn.GroupNorm's parameters (scale, bias) and values, then swish when `act`; the gradient
+    keeps only the input (models/norm.py)."""
+
+    num_groups: int
+    act: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        return norm.group_norm(x, scale, bias, self.num_groups, NORM_EPS, self.act, self.dtype)
+
+
+def group_norm(num_groups, dtype, name, act=False):
+    return GroupNorm(num_groups, act=act, dtype=dtype, name=name)
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -86,13 +103,13 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False):
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
+        h = group_norm(self.num_groups, self.dtype, "norm1", act=True)(x)
         h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
         temb = nn.Dense(
             self.out_channels, dtype=self.dtype, kernel_init=default_init, name="time_emb_proj"
         )(nn.swish(temb))
         h = h + temb[:, None, None, :]
-        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
+        h = group_norm(self.num_groups, self.dtype, "norm2", act=True)(h)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(self.out_channels, self.dtype, "conv2", kernel_init=zero_init)(h)
         if x.shape[-1] != self.out_channels:

@@ -322,7 +322,7 @@ class UNet(nn.Module):
                 name=f"up_blocks_{i}",
             )(h, block_skips, temb, train)
 
-        h = nn.swish(group_norm(self.num_groups, dtype, "conv_norm_out")(h))
+        h = group_norm(self.num_groups, dtype, "conv_norm_out", act=True)(h)
         out_channels = self.out_channels or self.in_channels
         h = conv3x3(out_channels, dtype, "conv_out", kernel_init=zero_init)(h)
         return h.astype(jnp.float32)
