@@ -76,6 +76,24 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: dict, repeats: int) -> dict:
+    """Wall times of each blocking fn, {name: [seconds] * repeats}, timed in turn within each
+    repeat: the machine's speed drifts over minutes, and timing one thing after another would
+    put that drift into their ratio. Call each fn once first (compilation, warm-up)."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(a, b) -> float:
+    """Median of the per-repeat ratios a[i] / b[i]."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
     """GFLOP/s of an n x n float32 matmul in JAX: the machine's practical compute ceiling."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)

@@ -10,11 +10,14 @@ sample.py use (sampling.make_sampler, a lax.fori_loop chain) at --steps and 2 x 
 the time per chain step as the difference of the two over the extra steps, and its ratio to the
 single forward (the goal: within 5%); and whether the second call compiled anything (the step
 count is traced, so it must not). With --vs-diffusers, the same forward in PyTorch (diffusers'
-UNet2DModel of the identical architecture, torch.inference_mode) and ours/theirs.
+UNet2DModel of the identical architecture, torch.inference_mode) and ours/theirs. The forward,
+both chains and the peer are timed in turn within each repeat, and each ratio is the median of
+the per-repeat ratios, so that the machine's drift between minutes cancels.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 import bench_common as bc
@@ -49,41 +52,55 @@ def measure(batch, args, config, model, params, sample, method, mesh, compiles, 
     forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
     compiled = forward.lower(params, x, t).compile()
     flops = bc.compiled_flops(compiled)
-    f_sec = bc.median_seconds(lambda: compiled(params, x, t).block_until_ready(), args.repeats)
 
     def chain(steps):
         return lambda: sample(
             params, jax.random.key(2), batch, batch_size=batch, sampler=method, steps=steps
         )
 
-    short = bc.median_seconds(chain(args.steps), args.repeats)
+    def forward_fn():
+        compiled(params, x, t).block_until_ready()
+
+    forward_fn()
+    chain(args.steps)()  # compiles the sampler
     before = compiles.count
-    long = bc.median_seconds(chain(2 * args.steps), args.repeats, warmup=1)
-    per_step = (long - short) / args.steps
+    chain(2 * args.steps)()
+    recompiled = compiles.count > before
+    fns = {"forward": forward_fn, "short": chain(args.steps), "long": chain(2 * args.steps)}
+    if args.vs_diffusers:
+        fns["torch"] = torch_forward_fn(config, batch)
+        fns["torch"]()
+    times = bc.interleaved_seconds(fns, args.repeats)
+    step = [(lg - sh) / args.steps for lg, sh in zip(times["long"], times["short"], strict=True)]
+    f_sec = statistics.median(times["forward"])
     row = {
         "batch": batch,
         "images/s": batch / f_sec,
         "forward_ms": 1e3 * f_sec,
         "GFLOP/s": flops / f_sec / 1e9,
         "of_matmul": flops / f_sec / 1e9 / ceiling,
-        f"{method}_step_ms": 1e3 * per_step,
-        "step/forward": per_step / f_sec,
-        "recompiled": compiles.count > before,
+        f"{method}_step_ms": 1e3 * statistics.median(step),
+        "step/forward": bc.median_ratio(step, times["forward"]),
+        "recompiled": recompiled,
     }
     if args.vs_diffusers:
-        import torch
-
-        net = bc.diffusers_unet(config).eval()
-        xt, tt = bc.torch_images(config, batch), torch.full((batch,), 500)
-
-        def torch_forward():
-            with torch.inference_mode():
-                net(xt, tt)
-
-        t_sec = bc.median_seconds(torch_forward, args.repeats)
-        row["torch_images/s"] = batch / t_sec
-        row["ours/torch"] = t_sec / f_sec
+        row["torch_images/s"] = batch / statistics.median(times["torch"])
+        row["ours/torch"] = bc.median_ratio(times["torch"], times["forward"])
     return row
+
+
+def torch_forward_fn(config, batch: int):
+    """The diffusers peer's forward at `batch` (inference mode), as a blocking call."""
+    import torch
+
+    net = bc.diffusers_unet(config).eval()
+    xt, tt = bc.torch_images(config, batch), torch.full((batch,), 500)
+
+    def run():
+        with torch.inference_mode():
+            net(xt, tt)
+
+    return run
 
 
 def main() -> None:

@@ -9,7 +9,9 @@ Prints, per batch size: images/s (median step time after compilation and warm-up
 achieved (XLA's cost analysis of the whole step: forward, backward, clipping, Adam, EMA), the
 fraction of a 4096^2 float32 matmul's GFLOP/s measured in the same command and, with
 --vs-diffusers, diffusers' UNet2DModel of the identical architecture doing the same work in
-PyTorch (q_sample, forward, MSE, backward, grad-norm clip, Adam, EMA), and ours/theirs.
+PyTorch (q_sample, forward, MSE, backward, grad-norm clip, Adam, EMA), and ours/theirs: the two
+steps alternate within each repeat and the ratio is the median of the per-repeat ratios, so the
+machine's drift between minutes cancels.
 --memory runs one step per batch size in a fresh process and reports its peak resident memory
 (ru_maxrss) next to XLA's own buffer accounting (arguments + outputs + temporaries).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -145,7 +148,15 @@ def main() -> None:
     rows = []
     for batch in batches:
         run, flops, _ = our_step(config, batch)
-        seconds = bc.median_seconds(run, args.repeats, warmup=2)
+        fns = {"ours": run}
+        if args.vs_diffusers:
+            fns["torch"] = torch_step(config, batch)
+        for fn in fns.values():
+            fn()
+            fn()
+        times = bc.interleaved_seconds(fns, args.repeats)
+        del run, fns
+        seconds = statistics.median(times["ours"])
         row = {
             "batch": batch,
             "images/s": batch / seconds,
@@ -154,12 +165,11 @@ def main() -> None:
             "GFLOP/s": flops / seconds / 1e9,
             "of_matmul": flops / seconds / 1e9 / ceiling,
         }
-        del run
         if args.vs_diffusers:
-            t_seconds = bc.median_seconds(torch_step(config, batch), args.repeats, warmup=2)
+            t_seconds = statistics.median(times["torch"])
             row["torch_images/s"] = batch / t_seconds
             row["torch_GFLOP/s"] = flops / t_seconds / 1e9
-            row["ours/torch"] = t_seconds / seconds
+            row["ours/torch"] = bc.median_ratio(times["torch"], times["ours"])
         if args.memory:
             row.update(peak_memory(args, batch))
         rows.append(row)
