@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import training
+from diffusion_jax import hostmem, training
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def argument_parser(doc: str, batch_help: str, repeats: int) -> argparse.ArgumentParser:
     """The options both benchmarks take: --config, --batch-sizes, --repeats, --set,
-    --vs-diffusers, --json."""
+    --vs-diffusers, --json, --default-malloc."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/ddpm_cifar.py")
     p.add_argument("--batch-sizes", default="8,32", help=batch_help)
@@ -42,7 +42,18 @@ def argument_parser(doc: str, batch_help: str, repeats: int) -> argparse.Argumen
     )
     p.add_argument("--vs-diffusers", action="store_true", help="also time the PyTorch peer")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (the CLIs call hostmem.keep_freed_memory())",
+    )
     return p
+
+
+def set_up_process(args) -> None:
+    """What the CLIs do to the process before JAX starts: keep freed host memory."""
+    if not args.default_malloc:
+        hostmem.keep_freed_memory()
 
 
 def load_config(path: str, overrides: list[str]):

@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="chain steps of the shorter sampler run")
     p.add_argument("--sampler", default=None, help="ddpm or ddim (default: the config's)")
     args = p.parse_args()
+    bc.set_up_process(args)
     config = bc.load_config(args.config, args.set)
     if args.vs_diffusers and not bc.has_diffusers():
         sys.exit('--vs-diffusers needs torch and diffusers: pip install -e ".[interop]"')

@@ -102,17 +102,21 @@ def torch_step(config, batch: int):
 
 def peak_memory(args, batch: int) -> dict:
     """One step at `batch` in a fresh process: peak RSS and XLA's buffer accounting, in GiB."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--config",
-        args.config,
-        "--batch-sizes",
-        str(batch),
-        "--repeats",
-        "1",
-        "--_memory-child",
-    ] + [f"--set={s}" for s in args.set]
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--config",
+            args.config,
+            "--batch-sizes",
+            str(batch),
+            "--repeats",
+            "1",
+            "--_memory-child",
+        ]
+        + [f"--set={s}" for s in args.set]
+        + ["--default-malloc"] * args.default_malloc
+    )
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return dict(zip(("peak_rss_GiB", "xla_buffers_GiB"), map(float, out.split()[-2:]), strict=True))
 
@@ -136,6 +140,7 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="peak memory of a step, per batch")
     p.add_argument("--_memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    bc.set_up_process(args)
     config = bc.load_config(args.config, args.set)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     if args._memory_child:

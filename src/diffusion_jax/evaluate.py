@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from diffusion_jax import cli, data, diffusion, metrics, parallel, sample
+from diffusion_jax import cli, data, diffusion, hostmem, metrics, parallel, sample
 from diffusion_jax.metrics import digits_classifier, inception
 from diffusion_jax.metrics.cache import default_cache_dir
 from diffusion_jax.sample import generate, sampler_options
@@ -329,6 +329,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
+    hostmem.keep_freed_memory()
     cli.quiet_libraries()
     f = flags.FLAGS
     with cli.user_errors():

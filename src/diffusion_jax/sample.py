@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from diffusion_jax import cli, grid, parallel, sampling
+from diffusion_jax import cli, grid, hostmem, parallel, sampling
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.validation import SAMPLERS
 from diffusion_jax.workdir import Workdir, load_config, load_workdir
@@ -100,6 +100,7 @@ def define_flags() -> None:
 
 def main(argv) -> None:
     del argv
+    hostmem.keep_freed_memory()
     cli.quiet_libraries()
     f = flags.FLAGS
     with cli.user_errors():

@@ -29,7 +29,16 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from diffusion_jax import checkpointing, data, grid, models, parallel, sampling, training
+from diffusion_jax import (
+    checkpointing,
+    data,
+    grid,
+    hostmem,
+    models,
+    parallel,
+    sampling,
+    training,
+)
 from diffusion_jax.cli import USER_ERRORS, UserError, quiet_libraries
 from diffusion_jax.validation import check_devices, validate_config
 
@@ -365,6 +374,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv
+    hostmem.keep_freed_memory()
     config = FLAGS.config
     try:
         config.keys()
