@@ -33,7 +33,9 @@ def kernel_grad_by_matmul(x, dy, k: int):
     b, h, w, c = x.shape
     d = dy.shape[-1]
     p = k // 2
-    xs = x.reshape(b * h * w, c)
+    # x transposed once: (C, BHW) @ (BHW, D) ran 1.2-1.9x faster than contracting both operands
+    # on their first axis (scratch microbenchmark); the train step gained 1.03-1.05x.
+    xt = x.reshape(b * h * w, c).T
     dyp = jnp.pad(dy, ((0, 0), (p, p), (p, p), (0, 0)))
     shifted = [
         dyp[:, 2 * p - i : 2 * p - i + h, 2 * p - j : 2 * p - j + w].reshape(b * h * w, d)
@@ -41,9 +43,8 @@ def kernel_grad_by_matmul(x, dy, k: int):
         for j in range(k)
     ]
     # Without the barrier XLA folds the reshapes back into an image-sized convolution.
-    xs, *shifted = lax.optimization_barrier((xs, *shifted))
-    contract = (((0,), (0,)), ((), ()))
-    dw = [lax.dot_general(xs, s, contract, preferred_element_type=jnp.float32) for s in shifted]
+    xt, *shifted = lax.optimization_barrier((xt, *shifted))
+    dw = [jnp.matmul(xt, s, preferred_element_type=jnp.float32) for s in shifted]
     return jnp.stack(dw).reshape(k, k, c, d)
 
 
