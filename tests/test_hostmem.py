@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from diffusion_jax import hostmem
+
 SCRIPT = """
 import resource, sys
 from diffusion_jax import hostmem
@@ -41,9 +43,7 @@ def faults_per_call(mode: str) -> list[int]:
     return [int(f) for f in out.stdout.split()]
 
 
-@pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt"
-)
+@pytest.mark.skipif(not hostmem.is_glibc(), reason="glibc's mallopt")
 def test_a_calls_temporaries_are_reused_by_the_next_call():
     default, kept = faults_per_call("default"), faults_per_call("keep")
     assert min(default) > 5_000, default  # 40 MB of 4 KiB pages mapped anew: the premise
@@ -52,7 +52,5 @@ def test_a_calls_temporaries_are_reused_by_the_next_call():
 
 
 def test_it_is_a_no_op_off_glibc(monkeypatch):
-    from diffusion_jax import hostmem
-
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert hostmem.keep_freed_memory() is False

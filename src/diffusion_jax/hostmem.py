@@ -18,6 +18,11 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (whose mallopt this module calls)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve every allocation from one heap that it never shrinks.
 
@@ -28,7 +33,7 @@ def keep_freed_memory() -> bool:
     made between calls have split the freed one. Process-wide: call it once at the start of a
     program, before JAX runs anything. Returns False, changing nothing, where the C library is
     not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
