@@ -114,6 +114,15 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
+def model_flops(jitted, *args) -> float:
+    """FLOPs of one call of jitted(*args) as the model is written: XLA's cost analysis of the
+    program compiled with direct convolutions. On CPU, models/conv.py computes float32 3x3
+    convolutions by Winograd's algorithm, the same result with a quarter of the multiplications;
+    GFLOP/s here counts the model's work, so that it compares across algorithms and with PyTorch."""
+    with jax.default_matmul_precision("highest"):
+        return compiled_flops(jitted.lower(*args).compile())
+
+
 def compiled_flops(compiled) -> float:
     """FLOPs of one call of a compiled function, from XLA's cost analysis."""
     cost = compiled.cost_analysis()

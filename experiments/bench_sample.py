@@ -4,7 +4,8 @@
     python experiments/bench_sample.py --config=configs/ddpm_digits.py --batch-sizes=1000
     python experiments/bench_sample.py --vs-diffusers                   # + PyTorch peer, ratios
 
-Per batch size: one jitted model forward (images/s, GFLOP/s from XLA's cost analysis, fraction
+Per batch size: one jitted model forward (images/s, GFLOP/s from XLA's cost analysis of the
+forward with direct convolutions, bench_common.model_flops, fraction
 of a 4096^2 float32 matmul measured in the same command); the compiled sampler that train.py and
 sample.py use (sampling.make_sampler, a lax.fori_loop chain) at --steps and 2 x --steps, giving
 the time per chain step as the difference of the two over the extra steps, and its ratio to the
@@ -51,7 +52,7 @@ def measure(batch, args, config, model, params, sample, method, mesh, compiles, 
     t = jnp.full((batch,), 500, jnp.int32)
     forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
     compiled = forward.lower(params, x, t).compile()
-    flops = bc.compiled_flops(compiled)
+    flops = bc.model_flops(forward, params, x, t)
 
     def chain(steps):
         return lambda: sample(

@@ -1,13 +1,23 @@
-"""Convolution for the UNet's layers: `lax.conv_general_dilated`, with a faster kernel gradient
-on CPU.
+"""Convolution for the UNet's layers: `lax.conv_general_dilated`, with faster 3x3 and 1x1
+convolutions on CPU.
 
 For a stride-1 "same" convolution with a k x k kernel (k odd: the UNet's 3x3 and 1x1 convs),
 the kernel gradient is dW[i, j] = sum over (b, h, w) of x[b, h, w]^T dy[b, h - i + p, w - j + p]
 (p = k // 2, dy zero outside the image): k * k matrix products contracting over B*H*W. XLA:CPU
 lowers the same gradient as a convolution whose window is the whole image: 4 GFLOP/s against 44
 as matmuls for a 3x3 kernel at batch 32 on 32x32x128, worse for 1x1 (README "Performance"). On other
-backends, and for every other convolution, XLA's own gradient is used unchanged; the forward
-pass and the input gradient are XLA's convolutions everywhere.
+backends, and for every other convolution, XLA's own gradient is used unchanged.
+
+On CPU the forward pass and the input gradient of a float32 stride-1 same 3x3 convolution are
+Winograd's F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
+eq. 8 with their F(4x4, 3x3) matrices): per 6x6 input tile d and kernel g, the 4x4 output tile is
+A^T [(G g G^T) * (B^T d B)] A, so each tile costs 36 channel products instead of 144. The input
+and output transforms are sums of shifted, strided slices that XLA fuses into a few passes over
+memory, and the 36 products are one batched matmul. The float32 rounding error is larger than a
+direct convolution's (the transforms' coefficients reach 8 and 1/24): about 7-8x in rms (tests/
+test_conv.py states the bound). bfloat16, every other backend, and any trace under
+`jax.default_matmul_precision("highest")` (or JAX_DEFAULT_MATMUL_PRECISION=highest) keep XLA's
+direct convolution.
 
 A 1x1 stride-1 convolution is a matrix product over channels, and becomes one (`pointwise_conv`,
 forward and both gradients by autodiff of dot_general): XLA:CPU ran it as a convolution at 33
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -26,6 +37,64 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 def _same_conv(x, w):
     p = w.shape[0] // 2
     return lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)), dimension_numbers=NHWC)
+
+
+# Winograd F(4x4, 3x3) with interpolation points 0, 1, -1, 2, -2, infinity (Lavin & Gray 2016).
+WINOGRAD_BT = np.array(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ]
+)
+WINOGRAD_G = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ]
+)
+WINOGRAD_AT = np.array(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+)
+
+
+def _lincomb(coefs, terms):
+    """sum_k coefs[k] * terms[k], skipping zero coefficients (the transforms are sparse)."""
+    out = None
+    for c, t in zip(coefs, terms, strict=True):
+        if c != 0:
+            v = t if c == 1 else -t if c == -1 else t * t.dtype.type(c)
+            out = v if out is None else out + v
+    return out
+
+
+def winograd_conv3x3(x, w):
+    """Stride-1 same 3x3 convolution, NHWC/HWIO, by Winograd F(4x4, 3x3) over 4x4 output tiles."""
+    b, h, wd, c = x.shape
+    d = w.shape[-1]
+    th, tw = -(-h // 4), -(-wd // 4)  # tiles; the image is zero-padded to a multiple of 4
+    xp = jnp.pad(x, ((0, 0), (1, 4 * th - h + 1), (1, 4 * tw - wd + 1), (0, 0)))
+    # B^T d B: rows, then columns, of every 6x6 tile (tiles overlap by 2: stride 4)
+    rows = [xp[:, k : k + 4 * th : 4] for k in range(6)]
+    r = jnp.stack([_lincomb(WINOGRAD_BT[a], rows) for a in range(6)])
+    cols = [r[:, :, :, k : k + 4 * tw : 4] for k in range(6)]
+    v = jnp.stack([_lincomb(WINOGRAD_BT[a], cols) for a in range(6)], axis=1)
+    # G g G^T for every (input, output) channel pair: one (36, 9) @ (9, C * D) product
+    gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), w.dtype)
+    u = jnp.matmul(gg, w.reshape(9, c * d)).reshape(36, c, d)
+    m = lax.dot_general(v.reshape(36, b * th * tw, c), u, (((2,), (1,)), ((0,), (0,))))
+    m = m.reshape(6, 6, b, th, tw, d)
+    # A^T m A, written straight into the (b, th, 4, tw, 4, d) layout of the output image
+    s = jnp.stack([_lincomb(WINOGRAD_AT[j], [m[:, q] for q in range(6)]) for j in range(4)], -2)
+    y = jnp.stack([_lincomb(WINOGRAD_AT[i], [s[a] for a in range(6)]) for i in range(4)], 2)
+    return y.reshape(b, 4 * th, 4 * tw, d)[:, :h, :wd]
 
 
 def kernel_grad_by_matmul(x, dy, k: int):
@@ -54,20 +123,30 @@ def _xla_kernel_grad(x, dy, k: int):
     return dw
 
 
+def _fast_same_conv(x, w):
+    """_same_conv, by Winograd on CPU for a float32 3x3 kernel unless the highest precision is
+    asked for (`jax.default_matmul_precision("highest")`, or JAX_DEFAULT_MATMUL_PRECISION)."""
+    exact = jax.config.jax_default_matmul_precision in ("highest", "float32")
+    if exact or w.shape[:2] != (3, 3) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return _same_conv(x, w)
+    return lax.platform_dependent(x, w, cpu=winograd_conv3x3, default=_same_conv)
+
+
 @jax.custom_vjp
 def same_conv(x, w):
     """Stride-1 NHWC/HWIO convolution with an odd k x k kernel padded by k // 2 on every side."""
-    return _same_conv(x, w)
+    return _fast_same_conv(x, w)
 
 
 def _same_conv_fwd(x, w):
-    return _same_conv(x, w), (x, w)
+    return _fast_same_conv(x, w), (x, w)
 
 
 def _same_conv_bwd(residuals, dy):
     x, w = residuals
     k = w.shape[0]
-    (dx,) = jax.linear_transpose(lambda x: _same_conv(x, w), x)(dy)
+    # dx is the same convolution of dy with the kernel flipped and its channels swapped
+    dx = _fast_same_conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
     dw = lax.platform_dependent(
         x,
         dy,
