@@ -4,9 +4,9 @@ gradient of stride-1 same convolutions computed as matrix products (models/conv.
 Tolerances: float32 sums of B*H*W*C (at most 2,000) products in a different order; the
 rounding is about sqrt(n) * 6e-8 ~ 3e-6 of the largest entry, so 1e-5 relative to the largest
 entry is the stated bound. The reference kernel gradient is a float64 loop over the k * k shifts.
-On CPU a float32 3x3 same convolution is Winograd's F(4x4, 3x3): its transforms are exact linear
-algebra (checked in float64 to 1e-12), and its float32 rounding is checked separately against a
-direct convolution's at the UNet's channel counts.
+On CPU a float32 3x3 same convolution and its gradients are Winograd's F(4x4, 3x3): its
+transforms are exact linear algebra (checked in float64 to 1e-12), and its float32 rounding is
+checked separately against the direct computation's at one of the UNet's channel counts.
 """
 
 import jax
@@ -88,6 +88,10 @@ def test_winograd_is_the_convolution_in_float64(shape):
         ref = lax_same_conv(x, k)
         assert got.dtype == jnp.float64 and got.shape == ref.shape
         assert rel_err(got, ref) < 1e-12
+        # the kernel gradient on CPU: the same transforms, transposed in w by JAX
+        dy = np.random.default_rng(3).standard_normal(ref.shape)
+        dw = conv._kernel_grad_by_transpose(conv.winograd_conv3x3, jnp.asarray(x), dy, 3)
+        assert rel_err(dw, kernel_grad_float64(x, dy, 3)) < 1e-12
 
 
 def test_winograd_float32_rounding_against_a_direct_convolution():
@@ -102,9 +106,18 @@ def test_winograd_float32_rounding_against_a_direct_convolution():
         ref = np.asarray(lax_same_conv(x.astype(np.float64), k.astype(np.float64)))
     direct = lax_same_conv(x, k)
     wino = jax.jit(conv.winograd_conv3x3)(x, k)
-    rms = lambda y: np.sqrt(np.mean((np.asarray(y, np.float64) - ref) ** 2))  # noqa: E731
+    rms = lambda y, ref: np.sqrt(np.mean((np.asarray(y, np.float64) - ref) ** 2))  # noqa: E731
     assert wino.dtype == jnp.float32
-    assert 0 < rms(wino) < 16 * rms(direct)
+    assert 0 < rms(wino, ref) < 16 * rms(direct, ref)
+    # kernel gradient, against the shifted matmuls (measured: 3.5x their rms error)
+    dy = rng.standard_normal(ref.shape).astype(np.float32)
+    ref = kernel_grad_float64(x, dy, 3)
+    matmul = jax.jit(conv.kernel_grad_by_matmul, static_argnums=2)(x, dy, 3)
+    wino = jax.jit(conv._kernel_grad_by_transpose, static_argnums=(0, 3))(
+        conv.winograd_conv3x3, x, dy, 3
+    )
+    assert wino.dtype == jnp.float32
+    assert 0 < rms(wino, ref) < 16 * rms(matmul, ref)
 
 
 def test_same_conv_is_winograd_on_cpu_for_float32_3x3_only():

@@ -4,20 +4,25 @@ convolutions on CPU.
 For a stride-1 "same" convolution with a k x k kernel (k odd: the UNet's 3x3 and 1x1 convs),
 the kernel gradient is dW[i, j] = sum over (b, h, w) of x[b, h, w]^T dy[b, h - i + p, w - j + p]
 (p = k // 2, dy zero outside the image): k * k matrix products contracting over B*H*W. XLA:CPU
-lowers the same gradient as a convolution whose window is the whole image: 4 GFLOP/s against 44
-as matmuls for a 3x3 kernel at batch 32 on 32x32x128, worse for 1x1 (README "Performance"). On other
-backends, and for every other convolution, XLA's own gradient is used unchanged.
+lowers the same gradient as a convolution whose window is the whole image: on the AVX2 machine
+of the first measurements 4 GFLOP/s against 44 as matmuls for a 3x3 kernel at batch 32 on
+32x32x128 (README "Performance"); on an AVX-512 machine 92-160 against 79-178 by shape, and the
+train step was 0.97-0.99x as fast with it, so the matmuls stay. On other backends, and for every
+other convolution, XLA's own gradient is used unchanged.
 
-On CPU the forward pass and the input gradient of a float32 stride-1 same 3x3 convolution are
+On CPU the forward pass and both gradients of a float32 stride-1 same 3x3 convolution are
 Winograd's F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
 eq. 8 with their F(4x4, 3x3) matrices): per 6x6 input tile d and kernel g, the 4x4 output tile is
 A^T [(G g G^T) * (B^T d B)] A, so each tile costs 36 channel products instead of 144. The input
 and output transforms are sums of shifted, strided slices that XLA fuses into a few passes over
-memory, and the 36 products are one batched matmul. The float32 rounding error is larger than a
-direct convolution's (the transforms' coefficients reach 8 and 1/24): about 7-8x in rms (tests/
-test_conv.py states the bound). bfloat16, every other backend, and any trace under
-`jax.default_matmul_precision("highest")` (or JAX_DEFAULT_MATMUL_PRECISION=highest) keep XLA's
-direct convolution.
+memory, and the 36 products are one batched matmul. The input gradient is the same convolution
+of dy with the flipped kernel; the kernel gradient is JAX's transpose of winograd_conv3x3 in w
+(the transforms run backwards, and the products contract over the tiles). The float32 rounding
+error is larger than a direct convolution's (the transforms' coefficients reach 8 and 1/24):
+6-8x in rms for the output, 3.5x for the kernel gradient (tests/test_conv.py states the bound).
+bfloat16, every other backend, and any trace under `jax.default_matmul_precision("highest")`
+(or JAX_DEFAULT_MATMUL_PRECISION=highest) keep XLA's direct convolution and, on CPU, the kernel
+gradient as k * k matmuls.
 
 A 1x1 stride-1 convolution is a matrix product over channels, and becomes one (`pointwise_conv`,
 forward and both gradients by autodiff of dot_general): XLA:CPU ran it as a convolution at 33
@@ -117,19 +122,31 @@ def kernel_grad_by_matmul(x, dy, k: int):
     return jnp.stack(dw).reshape(k, k, c, d)
 
 
-def _xla_kernel_grad(x, dy, k: int):
+def _kernel_grad_by_transpose(conv_fn, x, dy, k: int):
+    """dW of the convolution conv_fn(x, w), transposing it as a linear function of w."""
     w_shape = jax.ShapeDtypeStruct((k, k, x.shape[-1], dy.shape[-1]), x.dtype)
-    (dw,) = jax.linear_transpose(lambda w: _same_conv(x, w), w_shape)(dy)
+    (dw,) = jax.linear_transpose(lambda w: conv_fn(x, w), w_shape)(dy)
     return dw
 
 
-def _fast_same_conv(x, w):
-    """_same_conv, by Winograd on CPU for a float32 3x3 kernel unless the highest precision is
-    asked for (`jax.default_matmul_precision("highest")`, or JAX_DEFAULT_MATMUL_PRECISION)."""
+def _winograd_applies(x, w) -> bool:
+    """A float32 3x3 kernel, unless the highest precision is asked for
+    (`jax.default_matmul_precision("highest")`, or JAX_DEFAULT_MATMUL_PRECISION=highest)."""
     exact = jax.config.jax_default_matmul_precision in ("highest", "float32")
-    if exact or w.shape[:2] != (3, 3) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    return not exact and w.shape[:2] == (3, 3) and x.dtype == w.dtype == jnp.float32
+
+
+def _fast_same_conv(x, w):
+    """_same_conv, by Winograd on CPU where it applies."""
+    if not _winograd_applies(x, w):
         return _same_conv(x, w)
     return lax.platform_dependent(x, w, cpu=winograd_conv3x3, default=_same_conv)
+
+
+def _cpu_kernel_grad(x, dy, k: int):
+    if _winograd_applies(x, jax.ShapeDtypeStruct((k, k, x.shape[-1], dy.shape[-1]), x.dtype)):
+        return _kernel_grad_by_transpose(winograd_conv3x3, x, dy, k)
+    return kernel_grad_by_matmul(x, dy, k)
 
 
 @jax.custom_vjp
@@ -150,8 +167,8 @@ def _same_conv_bwd(residuals, dy):
     dw = lax.platform_dependent(
         x,
         dy,
-        cpu=lambda x, dy: kernel_grad_by_matmul(x, dy, k).astype(w.dtype),
-        default=lambda x, dy: _xla_kernel_grad(x, dy, k).astype(w.dtype),
+        cpu=lambda x, dy: _cpu_kernel_grad(x, dy, k).astype(w.dtype),
+        default=lambda x, dy: _kernel_grad_by_transpose(_same_conv, x, dy, k).astype(w.dtype),
     )
     return dx, dw
 
