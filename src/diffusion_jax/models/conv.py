@@ -143,8 +143,10 @@ def _fast_same_conv(x, w):
     return lax.platform_dependent(x, w, cpu=winograd_conv3x3, default=_same_conv)
 
 
-def _cpu_kernel_grad(x, dy, k: int):
-    if _winograd_applies(x, jax.ShapeDtypeStruct((k, k, x.shape[-1], dy.shape[-1]), x.dtype)):
+def _cpu_kernel_grad(x, dy, w):
+    """dW on CPU: Winograd's transposed where it applies, else the k * k matmuls."""
+    k = w.shape[0]
+    if _winograd_applies(x, w):
         return _kernel_grad_by_transpose(winograd_conv3x3, x, dy, k)
     return kernel_grad_by_matmul(x, dy, k)
 
@@ -167,7 +169,7 @@ def _same_conv_bwd(residuals, dy):
     dw = lax.platform_dependent(
         x,
         dy,
-        cpu=lambda x, dy: _cpu_kernel_grad(x, dy, k).astype(w.dtype),
+        cpu=lambda x, dy: _cpu_kernel_grad(x, dy, w).astype(w.dtype),
         default=lambda x, dy: _kernel_grad_by_transpose(_same_conv, x, dy, k).astype(w.dtype),
     )
     return dx, dw
