@@ -96,9 +96,9 @@ def test_winograd_is_the_convolution_in_float64(shape):
 
 def test_winograd_float32_rounding_against_a_direct_convolution():
     # 128 input channels, unit-variance input, a fan-in-scaled kernel. Measured rms error against
-    # float64 here: direct 3.6e-7, Winograd 2.3e-6 (6.4x; 6-8x at the UNet's shapes), the order of
-    # magnitude reported for F(4x4, 3x3) (Barabasz et al. 2020). The bound of 16x holds that with
-    # room; a lost digit fails it, and so would transforms in bfloat16 (1.3e5x, measured).
+    # float64 here: direct 3.6e-7, Winograd 2.3e-6 (6.4x; 6-8x at the UNet's shapes). The bound
+    # of 16x holds that with room; a lost digit fails it, and so would transforms in bfloat16
+    # (1.3e5x, measured).
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 16, 16, 128)).astype(np.float32)
     k = (rng.standard_normal((3, 3, 128, 64)) / np.sqrt(9 * 128)).astype(np.float32)
