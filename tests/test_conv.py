@@ -59,6 +59,14 @@ def test_kernel_grad_by_matmul_is_the_definition(k, shape):
     assert rel_err(got, kernel_grad_float64(x, dy, k)) < RTOL
 
 
+def test_kernel_grad_by_matmul_keeps_float64():
+    x, dy = np.random.default_rng(4).standard_normal((2, 2, 6, 6, 3))
+    with jax.enable_x64(True):
+        got = conv.kernel_grad_by_matmul(jnp.asarray(x), jnp.asarray(dy), 3)
+    assert got.dtype == jnp.float64
+    assert rel_err(got, kernel_grad_float64(x, dy, 3)) < 1e-12  # float32 sums would err ~1e-7
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_same_conv_value_and_gradients_equal_lax(k):
     x, w = random((2, 8, 8, 6), 2), 0.3 * random((k, k, 6, 5), 3)
@@ -88,9 +96,12 @@ def test_winograd_is_the_convolution_in_float64(shape):
         ref = lax_same_conv(x, k)
         assert got.dtype == jnp.float64 and got.shape == ref.shape
         assert rel_err(got, ref) < 1e-12
-        # the kernel gradient on CPU: the same transforms, transposed in w by JAX
+        # both gradients on CPU (float32 there): the same transforms, transposed by JAX
         dy = np.random.default_rng(3).standard_normal(ref.shape)
-        dw = conv._kernel_grad_by_transpose(conv.winograd_conv3x3, jnp.asarray(x), dy, 3)
+        dx, dw = jax.vjp(conv.winograd_conv3x3, jnp.asarray(x), jnp.asarray(k))[1](dy)
+        (dx_ref,) = jax.vjp(lambda x: lax_same_conv(x, k), x)[1](dy)
+        assert dx.dtype == dw.dtype == jnp.float64
+        assert rel_err(dx, dx_ref) < 1e-12
         assert rel_err(dw, kernel_grad_float64(x, dy, 3)) < 1e-12
 
 
@@ -109,15 +120,19 @@ def test_winograd_float32_rounding_against_a_direct_convolution():
     rms = lambda y, ref: np.sqrt(np.mean((np.asarray(y, np.float64) - ref) ** 2))  # noqa: E731
     assert wino.dtype == jnp.float32
     assert 0 < rms(wino, ref) < 16 * rms(direct, ref)
-    # kernel gradient, against the shifted matmuls (measured: 3.5x their rms error)
+    # gradients, against the direct convolution's dx and the shifted matmuls' dW (measured:
+    # 4.8x and 3.5x their rms errors)
     dy = rng.standard_normal(ref.shape).astype(np.float32)
-    ref = kernel_grad_float64(x, dy, 3)
-    matmul = jax.jit(conv.kernel_grad_by_matmul, static_argnums=2)(x, dy, 3)
-    wino = jax.jit(conv._kernel_grad_by_transpose, static_argnums=(0, 3))(
-        conv.winograd_conv3x3, x, dy, 3
-    )
-    assert wino.dtype == jnp.float32
-    assert 0 < rms(wino, ref) < 16 * rms(matmul, ref)
+    with jax.enable_x64(True):
+        dy64, k64 = dy.astype(np.float64), k.astype(np.float64)
+        (dx_ref,) = jax.vjp(lambda x: lax_same_conv(x, k64), x.astype(np.float64))[1](dy64)
+    (dx_direct,) = jax.vjp(lambda x: lax_same_conv(x, k), x)[1](dy)
+    dw_matmul = jax.jit(conv.kernel_grad_by_matmul, static_argnums=2)(x, dy, 3)
+    dx, dw = jax.jit(conv._cpu_grads)(x, dy, k)
+    assert dx.dtype == dw.dtype == jnp.float32
+    dx_ref, dw_ref = np.asarray(dx_ref), kernel_grad_float64(x, dy, 3)
+    assert 0 < rms(dx, dx_ref) < 16 * rms(dx_direct, dx_ref)
+    assert 0 < rms(dw, dw_ref) < 16 * rms(dw_matmul, dw_ref)
 
 
 def test_same_conv_is_winograd_on_cpu_for_float32_3x3_only():

@@ -15,11 +15,14 @@ Winograd's F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Ne
 eq. 8 with their F(4x4, 3x3) matrices): per 6x6 input tile d and kernel g, the 4x4 output tile is
 A^T [(G g G^T) * (B^T d B)] A, so each tile costs 36 channel products instead of 144. The input
 and output transforms are sums of shifted, strided slices that XLA fuses into a few passes over
-memory, and the 36 products are one batched matmul. The input gradient is the same convolution
-of dy with the flipped kernel; the kernel gradient is JAX's transpose of winograd_conv3x3 in w
-(the transforms run backwards, and the products contract over the tiles). The float32 rounding
-error is larger than a direct convolution's (the transforms' coefficients reach 8 and 1/24):
-6-8x in rms for the output, 3.5x for the kernel gradient (tests/test_conv.py states the bound).
+memory, and the 36 products are one batched matmul. Both gradients are JAX's autodiff of
+winograd_conv3x3: the transforms run backwards from one transposed output transform of dy, dx's
+products reuse the forward's kernel transform and dW's contract over the tiles. (dx as the
+Winograd convolution of dy with the flipped kernel, which costs a second kernel transform and a
+second input transform, made the CIFAR-10 train step 4% slower.) The float32 rounding error is
+larger than a direct convolution's (the transforms' coefficients reach 8 and 1/24): in rms 6-8x
+for the output, 4.8x for the input gradient, 3.5x for the kernel gradient (tests/test_conv.py
+states the bound).
 bfloat16, every other backend, and any trace under `jax.default_matmul_precision("highest")`
 (or JAX_DEFAULT_MATMUL_PRECISION=highest) keep XLA's direct convolution and, on CPU, the kernel
 gradient as k * k matmuls.
@@ -118,15 +121,9 @@ def kernel_grad_by_matmul(x, dy, k: int):
     ]
     # Without the barrier XLA folds the reshapes back into an image-sized convolution.
     xt, *shifted = lax.optimization_barrier((xt, *shifted))
-    dw = [jnp.matmul(xt, s, preferred_element_type=jnp.float32) for s in shifted]
+    acc = jnp.promote_types(dy.dtype, jnp.float32)  # bfloat16 products summed in float32
+    dw = [jnp.matmul(xt, s, preferred_element_type=acc) for s in shifted]
     return jnp.stack(dw).reshape(k, k, c, d)
-
-
-def _kernel_grad_by_transpose(conv_fn, x, dy, k: int):
-    """dW of the convolution conv_fn(x, w), transposing it as a linear function of w."""
-    w_shape = jax.ShapeDtypeStruct((k, k, x.shape[-1], dy.shape[-1]), x.dtype)
-    (dw,) = jax.linear_transpose(lambda w: conv_fn(x, w), w_shape)(dy)
-    return dw
 
 
 def _winograd_applies(x, w) -> bool:
@@ -143,12 +140,17 @@ def _fast_same_conv(x, w):
     return lax.platform_dependent(x, w, cpu=winograd_conv3x3, default=_same_conv)
 
 
-def _cpu_kernel_grad(x, dy, w):
-    """dW on CPU: Winograd's transposed where it applies, else the k * k matmuls."""
-    k = w.shape[0]
+def _direct_grads(x, dy, w):
+    """(dx, dW) of XLA's direct convolution: autodiff, dx a convolution with the flipped kernel."""
+    return jax.vjp(_same_conv, x, w)[1](dy)
+
+
+def _cpu_grads(x, dy, w):
+    """(dx, dW) on CPU: autodiff of winograd_conv3x3 where it applies, else dW as k * k matmuls."""
     if _winograd_applies(x, w):
-        return _kernel_grad_by_transpose(winograd_conv3x3, x, dy, k)
-    return kernel_grad_by_matmul(x, dy, k)
+        return jax.vjp(winograd_conv3x3, x, w)[1](dy)
+    (dx,) = jax.vjp(lambda x: _same_conv(x, w), x)[1](dy)
+    return dx, kernel_grad_by_matmul(x, dy, w.shape[0]).astype(w.dtype)
 
 
 @jax.custom_vjp
@@ -163,16 +165,7 @@ def _same_conv_fwd(x, w):
 
 def _same_conv_bwd(residuals, dy):
     x, w = residuals
-    k = w.shape[0]
-    # dx is the same convolution of dy with the kernel flipped and its channels swapped
-    dx = _fast_same_conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3)).astype(x.dtype)
-    dw = lax.platform_dependent(
-        x,
-        dy,
-        cpu=lambda x, dy: _cpu_kernel_grad(x, dy, w).astype(w.dtype),
-        default=lambda x, dy: _kernel_grad_by_transpose(_same_conv, x, dy, k).astype(w.dtype),
-    )
-    return dx, dw
+    return lax.platform_dependent(x, dy, w, cpu=_cpu_grads, default=_direct_grads)
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
