@@ -122,25 +122,32 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
 
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         decay = ema_decay
         if ema_warmup:  # min(decay, (1 + n) / (10 + n)): early averages forget the init faster
             n = state.step.astype(jnp.float32)
             decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-        ema_params = jax.tree.map(
-            lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
-        )
+
+        def update(state, grads):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema_params = jax.tree.map(
+                lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
+            )
+            return params, ema_params, opt_state
+
+        def skip(state, grads):
+            return state.params, state.ema_params, state.opt_state
+
+        # A NaN/inf loss or gradient skips the update. A cond, not a select of new or old per
+        # leaf after updating: the select kept both states alive (copies), 158 against 92 ms per
+        # update of the CIFAR-10 model's 35.7M parameters (scratch microbenchmark).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
+        params, ema_params, opt_state = jax.lax.cond(finite, update, skip, state, grads)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            ema_params=keep_if_finite(ema_params, state.ema_params),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
+            params=params,
+            ema_params=ema_params,
+            opt_state=opt_state,
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             first_nonfinite_step=jnp.where(
                 (state.first_nonfinite_step < 0) & ~finite,
