@@ -7,6 +7,13 @@ about four image-sized float32 tensors per layer for the backward pass (x - mean
 normalised x, y and sigmoid(y)); the custom gradient here saves x and the per-group mean and
 rsqrt(var + eps) and recomputes the rest, which for the DDPM CIFAR-10 UNet at batch 128 is
 several GiB of the train step's peak memory (README "Performance").
+
+GroupNorm's sums (`_sum`) of up to 2^18 elements stay in XLA's own reduction loops on CPU.
+XLA:CPU hands every reduce whose reducer is a lone add to YNNPACK, which ran GroupNorm's sums
+over the middle axes of (B, HW, G, C / G) slowly at small sizes: GroupNorm forward and backward
+alone ran 3x faster at (64, 8, 8, 32) in XLA's loops, and the digits train step 1.15x (README
+"Performance"). YNNPACK runs a large sum on both cores: all of the CIFAR-10 step's GroupNorm sums
+in XLA's loops made its batch-32 step 0.96x as fast, hence the size limit.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -23,9 +31,30 @@ def _grouped(x, groups: int):
     return x.astype(jnp.float32).reshape(b, -1, groups, c // groups)
 
 
+XLA_SUM_MAX_ELEMENTS = 1 << 18
+
+
+def _sum(x, axes: tuple[int, ...]):
+    """x.sum(axes, keepdims=True); on CPU up to XLA_SUM_MAX_ELEMENTS, as a reduce whose reducer
+    a - (-b) (the same IEEE sum) is not the lone add that XLA:CPU gives to YNNPACK."""
+
+    def plain(x):
+        return x.sum(axes, keepdims=True)
+
+    def kept_in_xla(x):
+        return jnp.expand_dims(
+            lax.reduce(x, np.zeros((), x.dtype), lambda a, b: a - (-b), axes), axes
+        )
+
+    if x.size > XLA_SUM_MAX_ELEMENTS:
+        return plain(x)
+    return lax.platform_dependent(x, cpu=kept_in_xla, default=plain)
+
+
 def _stats(xg, eps: float):
-    mean = xg.mean((1, 3), keepdims=True)
-    var = jnp.maximum((xg * xg).mean((1, 3), keepdims=True) - mean * mean, 0.0)
+    n = xg.shape[1] * xg.shape[3]
+    mean = _sum(xg, (1, 3)) / n
+    var = jnp.maximum(_sum(xg * xg, (1, 3)) / n - mean * mean, 0.0)
     return mean, lax.rsqrt(var + eps)
 
 
@@ -68,15 +97,15 @@ def _group_norm_bwd(groups, eps, act, dtype, residuals, g):
         gy = gy * (s * (1.0 + y * (1.0 - s)))  # d/dy [y sigmoid(y)]
     # Each image-sized value below is written as a function of g and x with per-group
     # coefficients, so XLA cannot compute one (e.g. x - mean) early and hold it until here.
-    sum_gy = gy.sum(1, keepdims=True)
-    sum_gy_xc = (gy * (xg - mean)).sum(1, keepdims=True)
-    dbias = sum_gy.sum((0, 1))
-    dscale = (rstd * sum_gy_xc).sum((0, 1))
+    sum_gy = _sum(gy, (1,))
+    sum_gy_xc = _sum(gy * (xg - mean), (1,))
+    dbias = _sum(sum_gy, (0, 1))
+    dscale = _sum(rstd * sum_gy_xc, (0, 1))
     # d/dx of a (x - mean), mean and rstd being functions of the group's values:
     # a gy - rstd E[scale gy] - (x - mean) rstd^2 E[scale gy (x - mean)], E over the group.
     n = xg.shape[1] * xg.shape[3]
-    e1 = (scale_g * sum_gy).sum(3, keepdims=True) / n
-    k = rstd**3 * (scale_g * sum_gy_xc).sum(3, keepdims=True) / n
+    e1 = _sum(scale_g * sum_gy, (3,)) / n
+    k = rstd**3 * _sum(scale_g * sum_gy_xc, (3,)) / n
     dx = a * gy - xg * k + (mean * k - rstd * e1)
     return (
         dx.reshape(x.shape).astype(x.dtype),
