@@ -156,6 +156,30 @@ def test_bfloat16_output_with_float32_gradients():
     assert [g.dtype for g in grads] == [jnp.float32] * 3
 
 
+def test_batch_sharded_over_every_device_compiles_and_agrees():
+    # The batch axis's sums become all-reduces when it is sharded; XLA's collectives take only
+    # the standard reducers, so GroupNorm's own (models/norm.py `_sum`) must not reduce it.
+    devices = jax.devices()
+    x, scale, bias = inputs((len(devices), 4, 4, 64), seed=6)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def loss(x, s, b):
+        return jnp.sum(jnp.sin(norm.group_norm(x, s, b, 32, EPS, True, jnp.float32)))
+
+    grad = jax.value_and_grad(loss, (0, 1, 2))
+    sharded = jax.jit(grad, in_shardings=(batch, repl, repl))(x, scale, bias)
+    single = jax.jit(grad)(x, scale, bias)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+        assert rel_err(got, want) < RTOL  # the same sums, split across devices
+
+
+def test_sum_refuses_the_batch_axis():
+    with pytest.raises(ValueError, match="batch axis"):
+        norm._sum(jnp.ones((2, 3)), (0, 1))
+
+
 def test_backward_keeps_only_the_input(capsys):
     x, scale, bias = inputs((2, 8, 8, 64))
     print_saved_residuals(

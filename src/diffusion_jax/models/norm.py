@@ -36,7 +36,11 @@ XLA_SUM_MAX_ELEMENTS = 1 << 18
 
 def _sum(x, axes: tuple[int, ...]):
     """x.sum(axes, keepdims=True); on CPU up to XLA_SUM_MAX_ELEMENTS, as a reduce whose reducer
-    a - (-b) (the same IEEE sum) is not the lone add that XLA:CPU gives to YNNPACK."""
+    a - (-b) (the same IEEE sum) is not the lone add that XLA:CPU gives to YNNPACK. Never over
+    the batch axis: a sum over a sharded axis ends in an all-reduce, and XLA's collectives take
+    only the standard reducers."""
+    if 0 in axes:
+        raise ValueError(f"_sum: axes {axes} include the batch axis 0")
 
     def plain(x):
         return x.sum(axes, keepdims=True)
@@ -99,8 +103,8 @@ def _group_norm_bwd(groups, eps, act, dtype, residuals, g):
     # coefficients, so XLA cannot compute one (e.g. x - mean) early and hold it until here.
     sum_gy = _sum(gy, (1,))
     sum_gy_xc = _sum(gy * (xg - mean), (1,))
-    dbias = _sum(sum_gy, (0, 1))
-    dscale = _sum(rstd * sum_gy_xc, (0, 1))
+    dbias = sum_gy.sum((0, 1))
+    dscale = (rstd * sum_gy_xc).sum((0, 1))
     # d/dx of a (x - mean), mean and rstd being functions of the group's values:
     # a gy - rstd E[scale gy] - (x - mean) rstd^2 E[scale gy (x - mean)], E over the group.
     n = xg.shape[1] * xg.shape[3]
