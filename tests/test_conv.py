@@ -159,8 +159,8 @@ def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
 CASES = [  # (kernel, strides, padding, the primitive it becomes)
     ((3, 3), (1, 1), ((1, 1), (1, 1)), "custom_vjp_call"),  # same_conv
     ((3, 3), (1, 1), "SAME", "custom_vjp_call"),
-    ((1, 1), (1, 1), "SAME", "dot_general"),  # pointwise_conv
-    ((1, 1), (1, 1), ((0, 0), (0, 0)), "dot_general"),
+    ((1, 1), (1, 1), "SAME", "custom_vjp_call"),  # pointwise_conv: channel_matmul
+    ((1, 1), (1, 1), ((0, 0), (0, 0)), "custom_vjp_call"),
     ((3, 3), (2, 2), ((0, 1), (0, 1)), "conv_general_dilated"),  # the DDPM downsample
     ((3, 3), (1, 1), ((0, 0), (0, 0)), "conv_general_dilated"),  # valid padding
     ((2, 2), (1, 1), "SAME", "conv_general_dilated"),  # even kernel
@@ -188,6 +188,27 @@ def test_conv_general_dilated_is_a_drop_in(kernel, strides, padding, routed):
         jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
     ):
         assert rel_err(g, r) < RTOL
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 7, 5), (2, 3, 4, 5)])
+def test_dense_dot_general_is_a_drop_in(shape):
+    x, w = random(shape, 11), random((5, 3), 12)
+    dense = (((x.ndim - 1,), (0,)), ((), ()))
+    ours = lambda x, w: conv.dense_dot_general(x, w, dense)  # noqa: E731
+    names = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).eqns}
+    assert names == {"custom_vjp_call"}  # channel_matmul
+    ref = lambda x, w: lax.dot_general(x, w, dense)  # noqa: E731
+    assert rel_err(ours(x, w), ref(x, w)) < RTOL
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+    for g, r in zip(
+        jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w), strict=True
+    ):
+        assert g.shape == r.shape and rel_err(g, r) < RTOL
+    # anything but a dense layer's product is lax.dot_general's
+    batched = (((2,), (1,)), ((0,), (0,)))
+    a, b = random((2, 3, 4), 13), random((2, 4, 5), 14)
+    eqns = jax.make_jaxpr(lambda a, b: conv.dense_dot_general(a, b, batched))(a, b).eqns
+    assert [e.primitive.name for e in eqns] == ["dot_general"]
 
 
 def test_unet_gradient_equals_the_one_through_lax_convolutions(monkeypatch):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from diffusion_jax.models import norm
-from diffusion_jax.models.conv import conv_general_dilated
+from diffusion_jax.models.conv import conv_general_dilated, dense_dot_general
 
 NORM_EPS = 1e-6
 DOWNSAMPLE_PADDINGS = {"same": ((0, 1), (0, 1)), "symmetric": ((1, 1), (1, 1))}
@@ -34,6 +34,12 @@ def conv3x3(features, dtype, name, strides=1, padding=((1, 1), (1, 1)), kernel_i
         kernel_init=kernel_init,
         name=name,
         conv_general_dilated=conv_general_dilated,
+    )
+
+
+def dense(features, dtype, name, kernel_init=default_init):
+    return nn.Dense(
+        features, dtype=dtype, kernel_init=kernel_init, name=name, dot_general=dense_dot_general
     )
 
 
@@ -119,13 +125,8 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, emb):
-        emb = nn.Dense(self.features, dtype=self.dtype, kernel_init=default_init, name="linear_1")(
-            emb
-        )
-        emb = nn.swish(emb)
-        return nn.Dense(self.features, dtype=self.dtype, kernel_init=default_init, name="linear_2")(
-            emb
-        )
+        emb = nn.swish(dense(self.features, self.dtype, "linear_1")(emb))
+        return dense(self.features, self.dtype, "linear_2")(emb)
 
 
 class ResnetBlock(nn.Module):
@@ -141,9 +142,7 @@ class ResnetBlock(nn.Module):
     def __call__(self, x, temb, train: bool = False):
         h = group_norm(self.num_groups, self.dtype, "norm1", act=True)(x)
         h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
-        temb = nn.Dense(
-            self.out_channels, dtype=self.dtype, kernel_init=default_init, name="time_emb_proj"
-        )(nn.swish(temb))
+        temb = dense(self.out_channels, self.dtype, "time_emb_proj")(nn.swish(temb))
         h = h + temb[:, None, None, :]
         h = group_norm(self.num_groups, self.dtype, "norm2", act=True)(h)
         h = Dropout(self.dropout)(h, deterministic=not train)
@@ -179,7 +178,7 @@ class AttentionBlock(nn.Module):
         h = h.reshape(b, height * width, c)
 
         def proj(name, kernel_init=default_init):
-            return nn.Dense(c, dtype=self.dtype, kernel_init=kernel_init, name=name)
+            return dense(c, self.dtype, name, kernel_init)
 
         shape = (b, height * width, self.num_heads, c // self.num_heads)
         q = proj("to_q")(h).reshape(shape)
