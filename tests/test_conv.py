@@ -128,7 +128,7 @@ def test_winograd_float32_rounding_against_a_direct_convolution():
         (dx_ref,) = jax.vjp(lambda x: lax_same_conv(x, k64), x.astype(np.float64))[1](dy64)
     (dx_direct,) = jax.vjp(lambda x: lax_same_conv(x, k), x)[1](dy)
     dw_matmul = jax.jit(conv.kernel_grad_by_matmul, static_argnums=2)(x, dy, 3)
-    dx, dw = jax.jit(conv._cpu_grads)(x, dy, k)
+    dx, dw = jax.jit(conv._cpu_grads)(x, k, dy)
     assert dx.dtype == dw.dtype == jnp.float32
     dx_ref, dw_ref = np.asarray(dx_ref), kernel_grad_float64(x, dy, 3)
     assert 0 < rms(dx, dx_ref) < 16 * rms(dx_direct, dx_ref)

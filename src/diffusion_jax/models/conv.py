@@ -171,12 +171,23 @@ def _fast_same_conv(x, w):
     return lax.platform_dependent(x, w, cpu=winograd_conv3x3, default=_same_conv)
 
 
-def _direct_grads(x, dy, w):
+def _with_grads(forward, cpu_grads, default_grads):
+    """forward(x, w), with the VJP cpu_grads(x, w, dy) on CPU and default_grads(x, w, dy) on other
+    backends."""
+    f = jax.custom_vjp(forward)
+    f.defvjp(
+        lambda x, w: (forward(x, w), (x, w)),
+        lambda res, dy: lax.platform_dependent(*res, dy, cpu=cpu_grads, default=default_grads),
+    )
+    return f
+
+
+def _direct_grads(x, w, dy):
     """(dx, dW) of XLA's direct convolution: autodiff, dx a convolution with the flipped kernel."""
     return jax.vjp(_same_conv, x, w)[1](dy)
 
 
-def _cpu_grads(x, dy, w):
+def _cpu_grads(x, w, dy):
     """(dx, dW) on CPU: autodiff of winograd_conv3x3 where it applies, else dW as k * k matmuls."""
     if _winograd_applies(x, w):
         return jax.vjp(winograd_conv3x3, x, w)[1](dy)
@@ -184,22 +195,8 @@ def _cpu_grads(x, dy, w):
     return dx, kernel_grad_by_matmul(x, dy, w.shape[0]).astype(w.dtype)
 
 
-@jax.custom_vjp
-def same_conv(x, w):
-    """Stride-1 NHWC/HWIO convolution with an odd k x k kernel padded by k // 2 on every side."""
-    return _fast_same_conv(x, w)
-
-
-def _same_conv_fwd(x, w):
-    return _fast_same_conv(x, w), (x, w)
-
-
-def _same_conv_bwd(residuals, dy):
-    x, w = residuals
-    return lax.platform_dependent(x, dy, w, cpu=_cpu_grads, default=_direct_grads)
-
-
-same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+# Stride-1 NHWC/HWIO convolution with an odd k x k kernel padded by k // 2 on every side.
+same_conv = _with_grads(_fast_same_conv, _cpu_grads, _direct_grads)
 
 
 def _is_same_conv(
@@ -233,6 +230,7 @@ def _is_same_conv(
 
 
 def _channel_product(x, w):
+    """x (..., C) @ w (C, D): a 1x1 convolution or a dense layer."""
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
@@ -252,22 +250,7 @@ def _cpu_channel_grads(x, w, dy):
     return (dy2 @ wt).reshape(x.shape), xt @ dy2
 
 
-@jax.custom_vjp
-def channel_matmul(x, w):
-    """x (..., C) @ w (C, D): a 1x1 convolution or a dense layer."""
-    return _channel_product(x, w)
-
-
-def _channel_matmul_fwd(x, w):
-    return _channel_product(x, w), (x, w)
-
-
-def _channel_matmul_bwd(residuals, dy):
-    x, w = residuals
-    return lax.platform_dependent(x, w, dy, cpu=_cpu_channel_grads, default=_autodiff_channel_grads)
-
-
-channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+channel_matmul = _with_grads(_channel_product, _cpu_channel_grads, _autodiff_channel_grads)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
