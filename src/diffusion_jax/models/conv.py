@@ -89,29 +89,34 @@ def _batched_matmul(a, b):
     return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))
 
 
-@jax.custom_vjp
-def tile_products(v, u):
-    """Winograd's 36 channel products, (36, tiles, C) @ (36, C, D); the gradient of u is
-    v^T dm with v transposed explicitly."""
-    return _batched_matmul(v, u)
+def _with_grads(forward, cpu_grads, default_grads):
+    """forward(x, w), with the VJP cpu_grads(x, w, dy) on CPU and default_grads(x, w, dy) on other
+    backends."""
+    f = jax.custom_vjp(forward)
+    f.defvjp(
+        lambda x, w: (forward(x, w), (x, w)),
+        lambda res, dy: lax.platform_dependent(*res, dy, cpu=cpu_grads, default=default_grads),
+    )
+    return f
 
 
-def _tile_products_fwd(v, u):
-    return _batched_matmul(v, u), (v, u)
+def _autodiff_tile_grads(v, u, dm):
+    return jax.vjp(_batched_matmul, v, u)[1](dm)
 
 
-def _tile_products_bwd(residuals, dm):
-    v, u = residuals
+def _cpu_tile_grads(v, u, dm):
+    """dv = dm u^T, and du = v^T dm with v transposed explicitly: XLA:CPU gives YNNPACK only dots
+    whose left operand contracts its last axis; autodiff's du contracts v's tiles axis and ran
+    in XLA's own dot. With v transposed (the barrier keeps XLA from folding the transpose back
+    into the dot): train step 1.045x (digits, batch 64), 1.019x (CIFAR-10, batch 8), 1.002x
+    (batch 32) in same-process A/Bs."""
     dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))
-    # XLA:CPU gives YNNPACK only dots whose left operand contracts its last axis; autodiff's
-    # du contracts v's tiles axis and ran in XLA's own dot. With v transposed (the barrier keeps
-    # XLA from folding the transpose back into the dot): train step 1.045x (digits, batch 64),
-    # 1.019x (CIFAR-10, batch 8), 1.002x (batch 32) in same-process A/Bs.
     vt = lax.optimization_barrier(jnp.swapaxes(v, 1, 2))
     return dv, _batched_matmul(vt, dm)
 
 
-tile_products.defvjp(_tile_products_fwd, _tile_products_bwd)
+# Winograd's 36 channel products, (36, tiles, C) @ (36, C, D).
+tile_products = _with_grads(_batched_matmul, _cpu_tile_grads, _autodiff_tile_grads)
 
 
 def winograd_conv3x3(x, w):
@@ -169,17 +174,6 @@ def _fast_same_conv(x, w):
     if not _winograd_applies(x, w):
         return _same_conv(x, w)
     return lax.platform_dependent(x, w, cpu=winograd_conv3x3, default=_same_conv)
-
-
-def _with_grads(forward, cpu_grads, default_grads):
-    """forward(x, w), with the VJP cpu_grads(x, w, dy) on CPU and default_grads(x, w, dy) on other
-    backends."""
-    f = jax.custom_vjp(forward)
-    f.defvjp(
-        lambda x, w: (forward(x, w), (x, w)),
-        lambda res, dy: lax.platform_dependent(*res, dy, cpu=cpu_grads, default=default_grads),
-    )
-    return f
 
 
 def _direct_grads(x, w, dy):
