@@ -2,7 +2,8 @@
 
 No timing is asserted (speed is reported as ratios by the scripts, never tested); what is
 asserted: every number is finite and positive, the FLOP count matches between rows, the
-PyTorch peer ran, and the sampler did not recompile when only its step count changed.
+PyTorch peer ran, and the sampler did not recompile when only its step count changed. The GPU
+check script runs too, with the CPU standing in for the accelerator.
 """
 
 import json
@@ -55,3 +56,16 @@ def test_bench_sample_does_not_recompile_for_a_new_step_count(tmp_path):
     (r,) = rows
     positive(r, "images/s", "GFLOP/s", "of_matmul", "torch_images/s", "ours/torch")
     assert r["recompiled"] is False
+
+
+def test_gpu_check_runs_and_compares_against_the_cpu():
+    """experiments/gpu_check.py, run here with the CPU as its "accelerator": the same program
+    agrees exactly; Winograd (float32 default precision) and bfloat16 differ within bounds."""
+    cmd = [sys.executable, str(ROOT / "experiments" / "gpu_check.py"), "--batch=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("cpu ")]
+    assert [ln.split()[1] for ln in lines] == ["f32_highest", "f32_default", "bf16_mixed"]
+    assert all(ln.endswith("ok") for ln in lines)
+    assert "rel. grad diff 0.00e+00" in lines[0]  # the CPU against itself, the same program
+    assert "rel. grad diff 0.00e+00" not in lines[2]  # bfloat16 does change the gradient

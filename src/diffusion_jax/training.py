@@ -89,15 +89,12 @@ def new_state(params, optimizer) -> TrainState:
     )
 
 
-def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_schedule):
-    """step(state, images_uint8, base_key) -> (state, metrics): pure, jit it with shardings.
+def make_loss_fn(model, schedule: schedules.Schedule, config):
+    """loss(params, images_uint8, key) -> (mean loss, terms): the train step's objective.
 
-    The step's randomness is fold_in(base_key, state.step): never reused, and the same after a
-    resume. Metrics: loss, grad_norm, lr, finite.
+    key draws t (uniform over the schedule), the noise and the dropout masks.
     """
     d = config.diffusion
-    ema_decay = config.optim.ema_decay
-    ema_warmup = config.optim.get("ema_warmup", False)
     loss_kw = dict(
         parameterization=d.parameterization,
         var_type=d.var_type,
@@ -105,22 +102,35 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
         hybrid_lambda=d.hybrid_lambda,
     )
 
-    def step(state: TrainState, images, base_key):
-        key = jax.random.fold_in(base_key, state.step)
+    def loss(params, images, key):
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
         x0 = to_model_range(images)
         t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
 
-        def loss_fn(params):
-            def denoise_fn(x_t, t_model):
-                return model.apply(
-                    {"params": params}, x_t, t_model, train=True, rngs={"dropout": dropout_key}
-                )
+        def denoise_fn(x_t, t_model):
+            return model.apply(
+                {"params": params}, x_t, t_model, train=True, rngs={"dropout": dropout_key}
+            )
 
-            terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise_key, **loss_kw)
-            return jnp.mean(terms["loss"]), terms
+        terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise_key, **loss_kw)
+        return jnp.mean(terms["loss"]), terms
 
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss
+
+
+def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_schedule):
+    """step(state, images_uint8, base_key) -> (state, metrics): pure, jit it with shardings.
+
+    The step's randomness is fold_in(base_key, state.step): never reused, and the same after a
+    resume. Metrics: loss, grad_norm, lr, finite.
+    """
+    loss_fn = make_loss_fn(model, schedule, config)
+    ema_decay = config.optim.ema_decay
+    ema_warmup = config.optim.get("ema_warmup", False)
+
+    def step(state: TrainState, images, base_key):
+        key = jax.random.fold_in(base_key, state.step)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, key)
         grad_norm = optax.global_norm(grads)
         decay = ema_decay
         if ema_warmup:  # min(decay, (1 + n) / (10 + n)): early averages forget the init faster
