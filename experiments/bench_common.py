@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def argument_parser(doc: str, batch_help: str, repeats: int) -> argparse.ArgumentParser:
     """The options both benchmarks take: --config, --batch-sizes, --repeats, --set,
-    --vs-diffusers, --json, --default-malloc."""
+    --vs-diffusers, --json, --default-malloc, --flops."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/ddpm_cifar.py")
     p.add_argument("--batch-sizes", default="8,32", help=batch_help)
@@ -46,6 +46,13 @@ def argument_parser(doc: str, batch_help: str, repeats: int) -> argparse.Argumen
         "--default-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (the CLIs call hostmem.keep_freed_memory())",
+    )
+    p.add_argument(
+        "--flops",
+        choices=("compiled", "none"),
+        default="compiled",
+        help="count FLOPs (XLA's cost analysis of a second compilation, with direct convolutions)\n"
+        "or not (none: no GFLOP/s columns; a GPU spends minutes on each compilation)",
     )
     return p
 
@@ -105,10 +112,10 @@ def median_ratio(a, b) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-def matmul_ceiling(n: int = 4096, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n float32 matmul in JAX: the machine's practical compute ceiling."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_ceiling(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
+    """GFLOP/s of an n x n matmul in JAX: the machine's practical compute ceiling."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.dot)
     seconds = median_seconds(lambda: f(a, b).block_until_ready(), repeats)
     return 2 * n**3 / seconds / 1e9
@@ -118,7 +125,9 @@ def model_flops(jitted, *args) -> float:
     """FLOPs of one call of jitted(*args) as the model is written: XLA's cost analysis of the
     program compiled with direct convolutions. On CPU, models/conv.py computes float32 3x3
     convolutions by Winograd's algorithm, the same result with a quarter of the multiplications;
-    GFLOP/s here counts the model's work, so that it compares across algorithms and with PyTorch."""
+    GFLOP/s here counts the model's work, so that it compares across algorithms and with PyTorch.
+    (The cost analysis of the lowered, uncompiled program would save the compilation, but JAX
+    0.11.2 returns None for it on a GPU.)"""
     with jax.default_matmul_precision("highest"):
         return compiled_flops(jitted.lower(*args).compile())
 
@@ -131,6 +140,11 @@ def compiled_flops(compiled) -> float:
     return float(cost["flops"])
 
 
+def compute_dtype(config):
+    """The dtype the model computes in: bfloat16 under training.mixed_precision."""
+    return jnp.bfloat16 if config.training.get("mixed_precision", False) else jnp.float32
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -141,9 +155,10 @@ def machine() -> str:
     except OSError:
         pass
     devices = jax.devices()
+    kind = "" if devices[0].platform == "cpu" else f" ({devices[0].device_kind})"
     return (
         f"{os.cpu_count()} CPU cores ({cpu}); JAX {jax.__version__} on {len(devices)} "
-        f"{devices[0].platform} device(s)"
+        f"{devices[0].platform} device(s){kind}"
     )
 
 

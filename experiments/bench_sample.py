@@ -9,7 +9,8 @@ forward with direct convolutions, bench_common.model_flops, fraction
 of a 4096^2 float32 matmul measured in the same command); the compiled sampler that train.py and
 sample.py use (sampling.make_sampler, a lax.fori_loop chain) at --steps and 2 x --steps, giving
 the time per chain step as the difference of the two over the extra steps, and its ratio to the
-single forward (the goal: within 5%); and whether the second call compiled anything (the step
+single forward (the goal: within 5%); the whole chain of 2 x --steps in seconds (--steps=500:
+a 1000-step DDPM sample of the batch); and whether the second call compiled anything (the step
 count is traced, so it must not). With --vs-diffusers, the same forward in PyTorch (diffusers'
 UNet2DModel of the identical architecture, torch.inference_mode) and ours/theirs. The forward,
 both chains and the peer are timed in turn within each repeat, and each ratio is the median of
@@ -52,7 +53,7 @@ def measure(batch, args, config, model, params, sample, method, mesh, compiles, 
     t = jnp.full((batch,), 500, jnp.int32)
     forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
     compiled = forward.lower(params, x, t).compile()
-    flops = bc.model_flops(forward, params, x, t)
+    flops = bc.model_flops(forward, params, x, t) if args.flops == "compiled" else None
 
     def chain(steps):
         return lambda: sample(
@@ -78,12 +79,14 @@ def measure(batch, args, config, model, params, sample, method, mesh, compiles, 
         "batch": batch,
         "images/s": batch / f_sec,
         "forward_ms": 1e3 * f_sec,
-        "GFLOP/s": flops / f_sec / 1e9,
-        "of_matmul": flops / f_sec / 1e9 / ceiling,
         f"{method}_step_ms": 1e3 * statistics.median(step),
+        f"{2 * args.steps}_steps_s": statistics.median(times["long"]),
         "step/forward": bc.median_ratio(step, times["forward"]),
         "recompiled": recompiled,
     }
+    if flops:
+        row["GFLOP/s"] = flops / f_sec / 1e9
+        row["of_matmul"] = flops / f_sec / 1e9 / ceiling
     if args.vs_diffusers:
         row["torch_images/s"] = batch / statistics.median(times["torch"])
         row["ours/torch"] = bc.median_ratio(times["torch"], times["forward"])
@@ -115,7 +118,8 @@ def main() -> None:
         sys.exit('--vs-diffusers needs torch and diffusers: pip install -e ".[interop]"')
 
     compiles = CompileCounter()
-    ceiling = bc.matmul_ceiling()
+    dtype = bc.compute_dtype(config)
+    ceiling = bc.matmul_ceiling(dtype=dtype)
     mesh = parallel.make_mesh()
     model = models.create_model(training.model_config(config))
     s, c = config.data.image_size, config.data.num_channels
@@ -133,8 +137,8 @@ def main() -> None:
     bc.report(
         rows,
         f"inference and {method} sampler ({args.steps} vs {2 * args.steps} steps), "
-        f"{args.config}{extra}; matmul ceiling {ceiling:.0f} GFLOP/s (4096^2 float32, JAX, "
-        "same command)",
+        f"{args.config}{extra}; matmul ceiling {ceiling:.0f} GFLOP/s "
+        f"(4096^2 {dtype.__name__}, JAX, same command)",
         args.json,
     )
 
