@@ -96,7 +96,7 @@ def test_winograd_is_the_convolution_in_float64(shape):
         ref = lax_same_conv(x, k)
         assert got.dtype == jnp.float64 and got.shape == ref.shape
         assert rel_err(got, ref) < 1e-12
-        # both gradients on CPU (float32 there): the same transforms, transposed by JAX
+        # both gradients: winograd_grads, the transforms transposed by hand (odd sizes included)
         dy = np.random.default_rng(3).standard_normal(ref.shape)
         dx, dw = jax.vjp(conv.winograd_conv3x3, jnp.asarray(x), jnp.asarray(k))[1](dy)
         (dx_ref,) = jax.vjp(lambda x: lax_same_conv(x, k), x)[1](dy)

@@ -15,12 +15,14 @@ Winograd's F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Ne
 eq. 8 with their F(4x4, 3x3) matrices): per 6x6 input tile d and kernel g, the 4x4 output tile is
 A^T [(G g G^T) * (B^T d B)] A, so each tile costs 36 channel products instead of 144. The input
 and output transforms are sums of shifted, strided slices that XLA fuses into a few passes over
-memory, and the 36 products are one batched matmul. Both gradients are JAX's autodiff of
-winograd_conv3x3: the transforms run backwards from one transposed output transform of dy, dx's
-products reuse the forward's kernel transform and dW's contract over the tiles, with the input
-transform transposed first (`tile_products`). (dx as the
-Winograd convolution of dy with the flipped kernel, which costs a second kernel transform and a
-second input transform, made the CIFAR-10 train step 4% slower.) The float32 rounding error is
+memory, and the 36 products are one batched matmul. Both gradients run the same algorithm
+backwards (`winograd_grads`): one transposed output transform of dy, dx's products with the
+forward's kernel transform and dW's contracting over the tiles (`_tile_grads`), then the input
+and kernel transforms transposed. The transposes are written by hand: JAX's autodiff of the
+strided slices pads each of the six slices to the image's size and sums them, where
+`_overlap_add` writes each element once. (dx as the Winograd convolution of dy with the flipped
+kernel, which costs a second kernel transform and a second input transform, made the CIFAR-10
+train step 4% slower.) The float32 rounding error is
 larger than a direct convolution's (the transforms' coefficients reach 8 and 1/24): in rms 6-8x
 for the output, 4.8x for the input gradient, 3.5x for the kernel gradient (tests/test_conv.py
 states the bound).
@@ -100,45 +102,123 @@ def _with_grads(forward, cpu_grads, default_grads):
     return f
 
 
-def _autodiff_tile_grads(v, u, dm):
-    return jax.vjp(_batched_matmul, v, u)[1](dm)
-
-
-def _cpu_tile_grads(v, u, dm):
-    """dv = dm u^T, and du = v^T dm with v transposed explicitly: XLA:CPU gives YNNPACK only dots
-    whose left operand contracts its last axis; autodiff's du contracts v's tiles axis and ran
-    in XLA's own dot. With v transposed (the barrier keeps XLA from folding the transpose back
-    into the dot): train step 1.045x (digits, batch 64), 1.019x (CIFAR-10, batch 8), 1.002x
-    (batch 32) in same-process A/Bs."""
+def _tile_grads(v, u, dm):
+    """(dv, du) of m = v @ u: dv = dm u^T, and du = v^T dm with v transposed explicitly: XLA:CPU
+    gives YNNPACK only dots whose left operand contracts its last axis; autodiff's du contracts
+    v's tiles axis and ran in XLA's own dot. With v transposed (the barrier keeps XLA from
+    folding the transpose back into the dot): train step 1.045x (digits, batch 64), 1.019x
+    (CIFAR-10, batch 8), 1.002x (batch 32) in same-process A/Bs."""
     dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))
     vt = lax.optimization_barrier(jnp.swapaxes(v, 1, 2))
     return dv, _batched_matmul(vt, dm)
 
 
-# Winograd's 36 channel products, (36, tiles, C) @ (36, C, D).
-tile_products = _with_grads(_batched_matmul, _cpu_tile_grads, _autodiff_tile_grads)
+def _tiles(h: int, w: int) -> tuple[int, int]:
+    """4x4 output tiles per column and row; the image is zero-padded to a multiple of 4."""
+    return -(-h // 4), -(-w // 4)
 
 
-def winograd_conv3x3(x, w):
-    """Stride-1 same 3x3 convolution, NHWC/HWIO, by Winograd F(4x4, 3x3) over 4x4 output tiles."""
+def input_transform(x):
+    """B^T d B for every 6x6 tile d of x (NHWC, zero-padded by 1; tiles overlap by 2: stride 4):
+    (36, B * tiles, C). Rows, then columns, each as sums of strided slices."""
     b, h, wd, c = x.shape
-    d = w.shape[-1]
-    th, tw = -(-h // 4), -(-wd // 4)  # tiles; the image is zero-padded to a multiple of 4
+    th, tw = _tiles(h, wd)
     xp = jnp.pad(x, ((0, 0), (1, 4 * th - h + 1), (1, 4 * tw - wd + 1), (0, 0)))
-    # B^T d B: rows, then columns, of every 6x6 tile (tiles overlap by 2: stride 4)
     rows = [xp[:, k : k + 4 * th : 4] for k in range(6)]
     r = jnp.stack([_lincomb(WINOGRAD_BT[a], rows) for a in range(6)])
     cols = [r[:, :, :, k : k + 4 * tw : 4] for k in range(6)]
     v = jnp.stack([_lincomb(WINOGRAD_BT[a], cols) for a in range(6)], axis=1)
-    # G g G^T for every (input, output) channel pair: one (36, 9) @ (9, C * D) product
+    return v.reshape(36, b * th * tw, c)
+
+
+def _overlap_add(parts, axis: int, n: int):
+    """The transpose of taking parts[k] = z[4t + k] (k = 0..5) from z along `axis`: z (length
+    n <= 4T + 2) with z[4t + j] = parts[j][t] + parts[j + 4][t - 1] (the second for j < 2 only:
+    tiles overlap by 2). One pass that writes each element once; autodiff's transpose of the
+    strided slices pads each part to z's full size and sums the six."""
+
+    def pad_tile_axis(a, before: int):
+        pads = [(0, 0)] * a.ndim
+        pads[axis] = (before, 1 - before)
+        return jnp.pad(a, pads)
+
+    phases = [
+        pad_tile_axis(parts[j], 0) + pad_tile_axis(parts[j + 4], 1)
+        if j < 2
+        else pad_tile_axis(parts[j], 0)
+        for j in range(4)
+    ]
+    z = jnp.stack(phases, axis + 1)  # (..., T + 1, 4, ...)
+    z = z.reshape(z.shape[:axis] + (4 * z.shape[axis],) + z.shape[axis + 2 :])
+    return lax.slice_in_dim(z, 0, n, axis=axis)
+
+
+def input_transform_transpose(dv, x_shape):
+    """dx from dv (36, B * tiles, C): input_transform transposed, columns then rows."""
+    b, h, wd, c = x_shape
+    th, tw = _tiles(h, wd)
+    dv = dv.reshape(6, 6, b, th, tw, c)
+    dcols = [_lincomb(WINOGRAD_BT[:, k], [dv[:, a] for a in range(6)]) for k in range(6)]
+    # the barrier keeps XLA from fusing the two passes and recomputing the first in the second
+    dr = lax.optimization_barrier(_overlap_add(dcols, 3, 4 * tw + 2))  # (6, b, th, 4tw+2, c)
+    drows = [_lincomb(WINOGRAD_BT[:, k], [dr[a] for a in range(6)]) for k in range(6)]
+    return _overlap_add(drows, 1, 4 * th + 2)[:, 1 : 1 + h, 1 : 1 + wd]
+
+
+def kernel_transform(w):
+    """G g G^T for every (input, output) channel pair: one (36, 9) @ (9, C * D) product."""
+    c, d = w.shape[2:]
     gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), w.dtype)
-    u = jnp.matmul(gg, w.reshape(9, c * d)).reshape(36, c, d)
-    m = tile_products(v.reshape(36, b * th * tw, c), u)
+    return jnp.matmul(gg, w.reshape(9, c * d)).reshape(36, c, d)
+
+
+def output_transform(m, b: int, h: int, wd: int):
+    """A^T m A per tile, from m (36, B * tiles, D) to the (B, H, W, D) image, written straight
+    into the (B, th, 4, tw, 4, D) layout."""
+    d = m.shape[-1]
+    th, tw = _tiles(h, wd)
     m = m.reshape(6, 6, b, th, tw, d)
-    # A^T m A, written straight into the (b, th, 4, tw, 4, d) layout of the output image
     s = jnp.stack([_lincomb(WINOGRAD_AT[j], [m[:, q] for q in range(6)]) for j in range(4)], -2)
     y = jnp.stack([_lincomb(WINOGRAD_AT[i], [s[a] for a in range(6)]) for i in range(4)], 2)
     return y.reshape(b, 4 * th, 4 * tw, d)[:, :h, :wd]
+
+
+def output_transform_transpose(dy):
+    """dm (36, B * tiles, D) from dy (B, H, W, D): output_transform transposed, columns, then
+    rows."""
+    b, h, wd, d = dy.shape
+    th, tw = _tiles(h, wd)
+    dy = jnp.pad(dy, ((0, 0), (0, 4 * th - h), (0, 4 * tw - wd), (0, 0)))
+    dy = dy.reshape(b, th, 4, tw, 4, d)
+    e = [_lincomb(WINOGRAD_AT[:, q], [dy[:, :, :, :, j] for j in range(4)]) for q in range(6)]
+    e = lax.optimization_barrier(jnp.stack(e))  # (6, b, th, 4, tw, d); barrier as above
+    dm = jnp.stack(
+        [_lincomb(WINOGRAD_AT[:, a], [e[:, :, :, i] for i in range(4)]) for a in range(6)]
+    )
+    return dm.reshape(36, b * th * tw, d)
+
+
+def winograd_grads(x, w, dy):
+    """(dx, dW) of winograd_conv3x3: the transforms transposed by hand (1.27-1.44x faster than
+    autodiff's transposes for the backward at the UNets' shapes; scratch microbenchmark), the
+    products as _tile_grads, dW = (G kron G)^T du."""
+    c, d = w.shape[2:]
+    dv, du = _tile_grads(input_transform(x), kernel_transform(w), output_transform_transpose(dy))
+    gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), w.dtype)
+    dw = jnp.matmul(gg.T, du.reshape(36, c * d)).reshape(3, 3, c, d)
+    return input_transform_transpose(dv, x.shape), dw
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x, w):
+    """Stride-1 same 3x3 convolution, NHWC/HWIO, by Winograd F(4x4, 3x3) over 4x4 output tiles."""
+    m = _batched_matmul(input_transform(x), kernel_transform(w))
+    return output_transform(m, *x.shape[:3])
+
+
+winograd_conv3x3.defvjp(
+    lambda x, w: (winograd_conv3x3(x, w), (x, w)), lambda res, dy: winograd_grads(*res, dy)
+)
 
 
 def kernel_grad_by_matmul(x, dy, k: int):
@@ -182,9 +262,9 @@ def _direct_grads(x, w, dy):
 
 
 def _cpu_grads(x, w, dy):
-    """(dx, dW) on CPU: autodiff of winograd_conv3x3 where it applies, else dW as k * k matmuls."""
+    """(dx, dW) on CPU: winograd_grads where Winograd applies, else dW as k * k matmuls."""
     if _winograd_applies(x, w):
-        return jax.vjp(winograd_conv3x3, x, w)[1](dy)
+        return winograd_grads(x, w, dy)
     (dx,) = jax.vjp(lambda x: _same_conv(x, w), x)[1](dy)
     return dx, kernel_grad_by_matmul(x, dy, w.shape[0]).astype(w.dtype)
 
