@@ -75,6 +75,9 @@ WINOGRAD_AT = np.array(
     [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
 )
 
+# G g G^T for a 3x3 kernel g, as one (36, 9) matrix on the flattened kernel.
+WINOGRAD_GG = np.kron(WINOGRAD_G, WINOGRAD_G)
+
 
 def _lincomb(coefs, terms):
     """sum_k coefs[k] * terms[k], skipping zero coefficients (the transforms are sparse)."""
@@ -168,8 +171,7 @@ def input_transform_transpose(dv, x_shape):
 def kernel_transform(w):
     """G g G^T for every (input, output) channel pair: one (36, 9) @ (9, C * D) product."""
     c, d = w.shape[2:]
-    gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), w.dtype)
-    return jnp.matmul(gg, w.reshape(9, c * d)).reshape(36, c, d)
+    return jnp.matmul(WINOGRAD_GG.astype(w.dtype), w.reshape(9, c * d)).reshape(36, c, d)
 
 
 def output_transform(m, b: int, h: int, wd: int):
@@ -204,8 +206,7 @@ def winograd_grads(x, w, dy):
     products as _tile_grads, dW = (G kron G)^T du."""
     c, d = w.shape[2:]
     dv, du = _tile_grads(input_transform(x), kernel_transform(w), output_transform_transpose(dy))
-    gg = jnp.asarray(np.kron(WINOGRAD_G, WINOGRAD_G), w.dtype)
-    dw = jnp.matmul(gg.T, du.reshape(36, c * d)).reshape(3, 3, c, d)
+    dw = jnp.matmul(WINOGRAD_GG.T.astype(w.dtype), du.reshape(36, c * d)).reshape(3, 3, c, d)
     return input_transform_transpose(dv, x.shape), dw
 
 
