@@ -13,8 +13,9 @@
 #   sample_bf16  bench_sample.py, DDPM: forward, and the whole 2 x SAMPLE_STEPS chain
 #   train_f32    bench_train.py in float32 (the GPU's default precision: TF32 products)
 #
-# XLA's GPU autotuning is off (AUTOTUNE=0) unless asked for: with it, JAX 0.11.2 took over
-# 3 minutes to compile the CIFAR-10 train step on an H200 (2026-11-30), most of a lease.
+# XLA's GPU autotuning is off (AUTOTUNE=0) unless asked for: with it, JAX 0.11.2 had not
+# compiled the CIFAR-10 train step after a 3-minute stage on an H200 (2026-11-30), and a lease
+# has 15 minutes.
 # Compiled programs are cached in $JAX_COMPILATION_CACHE_DIR, so a rerun on the same machine
 # skips the compilations that finished. No FLOP counts (--flops=none): each is one more
 # compilation.

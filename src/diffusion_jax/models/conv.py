@@ -94,14 +94,17 @@ def _batched_matmul(a, b):
     return lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,))))
 
 
-def _with_grads(forward, cpu_grads, default_grads):
+def _with_grads(forward, cpu_grads, default_grads=None):
     """forward(x, w), with the VJP cpu_grads(x, w, dy) on CPU and default_grads(x, w, dy) on other
-    backends."""
+    backends (cpu_grads on every backend if default_grads is None)."""
+
+    def grads(res, dy):
+        if default_grads is None:
+            return cpu_grads(*res, dy)
+        return lax.platform_dependent(*res, dy, cpu=cpu_grads, default=default_grads)
+
     f = jax.custom_vjp(forward)
-    f.defvjp(
-        lambda x, w: (forward(x, w), (x, w)),
-        lambda res, dy: lax.platform_dependent(*res, dy, cpu=cpu_grads, default=default_grads),
-    )
+    f.defvjp(lambda x, w: (forward(x, w), (x, w)), grads)
     return f
 
 
@@ -210,16 +213,13 @@ def winograd_grads(x, w, dy):
     return input_transform_transpose(dv, x.shape), dw
 
 
-@jax.custom_vjp
-def winograd_conv3x3(x, w):
-    """Stride-1 same 3x3 convolution, NHWC/HWIO, by Winograd F(4x4, 3x3) over 4x4 output tiles."""
+def _winograd_forward(x, w):
     m = _batched_matmul(input_transform(x), kernel_transform(w))
     return output_transform(m, *x.shape[:3])
 
 
-winograd_conv3x3.defvjp(
-    lambda x, w: (winograd_conv3x3(x, w), (x, w)), lambda res, dy: winograd_grads(*res, dy)
-)
+# Stride-1 same 3x3 convolution, NHWC/HWIO, by Winograd F(4x4, 3x3) over 4x4 output tiles.
+winograd_conv3x3 = _with_grads(_winograd_forward, winograd_grads)
 
 
 def kernel_grad_by_matmul(x, dy, k: int):
