@@ -18,21 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("diffusers")
 
 
-def run_bench(script, tmp_path, *args):
+def run_script(script, tmp_path, *args):
+    """Run experiments/<script> with args and --json; (its stdout, the JSON's rows)."""
     out = tmp_path / f"{script}.json"
-    cmd = [
-        sys.executable,
-        str(ROOT / "experiments" / script),
-        "--config=configs/ddpm_digits.py",
-        "--repeats=1",
-        "--vs-diffusers",
-        f"--json={out}",
-        *args,
-    ]
+    cmd = [sys.executable, str(ROOT / "experiments" / script), *args, f"--json={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "matmul ceiling" in proc.stdout and "ours/torch" in proc.stdout
-    return json.loads(out.read_text())["rows"]
+    return proc.stdout, json.loads(out.read_text())["rows"]
+
+
+def run_bench(script, tmp_path, *args):
+    common = ("--config=configs/ddpm_digits.py", "--repeats=1", "--vs-diffusers")
+    stdout, rows = run_script(script, tmp_path, *common, *args)
+    assert "matmul ceiling" in stdout and "ours/torch" in stdout
+    return rows
 
 
 def positive(row, *keys):
@@ -69,3 +68,12 @@ def test_gpu_check_runs_and_compares_against_the_cpu():
     assert all(ln.endswith("ok") for ln in lines)
     assert "rel. grad diff 0.00e+00" in lines[0]  # the CPU against itself, the same program
     assert "rel. grad diff 0.00e+00" not in lines[2]  # bfloat16 does change the gradient
+
+
+def test_bench_input_reads_a_synthetic_tfds_set_with_and_without_the_cache(tmp_path):
+    args = ("--synthetic-tfds=40", f"--data-dir={tmp_path}", "--set=training.batch_size=8")
+    stdout, rows = run_script("bench_input.py", tmp_path, *args, "--threads=0,2", "--seconds=0.2")
+    assert "synthetic_cifar, 40 examples, batch 8, random_flip=True" in stdout
+    assert [r["threads"] for r in rows] == [0, 2]
+    for r in rows:
+        positive(r, "read_img_s", "cached_img_s", "cached/read")

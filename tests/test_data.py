@@ -1,6 +1,8 @@
 """Data layer: sources (digits, tfds, image folders) and the deterministic batch pipeline."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ from PIL import Image
 
 from diffusion_jax import data
 from diffusion_jax.data import images as images_lib
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def digits_config(**overrides):
@@ -362,6 +366,14 @@ def test_tfds_mock_cifar10_through_the_pipeline():
         assert lsun[0]["image"].shape == (8, 8, 3) and lsun[0]["label"] == 0
         assert lsun.num_classes == 1
 
+        # configs/ddpm_cifar.py reads the split into memory once.
+        spec = importlib.util.spec_from_file_location("cifar", ROOT / "configs" / "ddpm_cifar.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cached = data.create_source(module.get_config().data)
+        assert isinstance(cached, data.InMemorySource)
+        assert_sources_equal(source, cached)
+
 
 def test_tfds_not_prepared_then_prepared(tmp_path):
     config = {"dataset": "tiny_shapes", "image_size": 8, "num_channels": 3}
@@ -394,6 +406,70 @@ def test_unknown_tfds_name_suggests_close_ones():
         data.create_source(config)
 
 
+# --- in-memory cache -----------------------------------------------------------------------
+
+
+def assert_sources_equal(a, b):
+    assert len(a) == len(b) and a.num_classes == b.num_classes
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        assert x["image"].dtype == y["image"].dtype == np.uint8
+        np.testing.assert_array_equal(x["image"], y["image"])
+        assert x["label"] == y["label"] and np.asarray(y["label"]).dtype == np.int32
+
+
+@pytest.mark.parametrize("threads", [None, 1, 3])
+def test_in_memory_source_serves_the_sources_examples_and_batches(tmp_path, threads):
+    write_folder(tmp_path)
+    folder = data.create_source(folder_config(tmp_path))
+    cached = data.InMemorySource(folder, threads=threads)
+    assert_sources_equal(folder, cached)
+    assert not cached[0]["image"].flags.writeable
+    kwargs = dict(global_batch_size=3, seed=5, start_step=2, random_flip=True)
+    assert_batches_equal(
+        take(data.create_batches(folder, **kwargs), 4),
+        take(data.create_batches(cached, **kwargs), 4),
+    )
+    digits = digits_config(image_size=12, num_channels=3)
+    assert_sources_equal(
+        data.create_source(digits, split="test"),
+        data.create_source({**digits, "cache_in_memory": True}, split="test"),
+    )
+
+
+def test_tfds_source_cached(tmp_path):
+    from diffusion_jax.data import prepare
+
+    prepare.prepare("tiny_shapes", str(tmp_path))
+    config = {"dataset": "tiny_shapes", "image_size": 8, "num_channels": 3}
+    config["data_dir"] = str(tmp_path)
+    cached = data.create_source({**config, "cache_in_memory": True})
+    assert isinstance(cached, data.InMemorySource)
+    assert_sources_equal(data.create_source(config), cached)
+
+
+def test_in_memory_source_errors(monkeypatch):
+    class Broken:
+        num_classes = 1
+
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            if i == 37:
+                raise RuntimeError("example 37 is unreadable")
+            return {"image": np.zeros((4, 4, 1), np.uint8), "label": 0}
+
+    with pytest.raises(RuntimeError, match="example 37 is unreadable"):
+        data.InMemorySource(Broken(), threads=2)
+    from diffusion_jax.data import cache
+
+    # The 1,497 training digits are 95,808 bytes: more than half of a 4,000-byte host.
+    monkeypatch.setattr(cache, "physical_memory_bytes", lambda: 4000)
+    with pytest.raises(ValueError, match=r"cache_in_memory: the 1,497 decoded images take"):
+        data.create_source(digits_config(cache_in_memory=True))
+
+
 # --- config errors -----------------------------------------------------------------------
 
 
@@ -406,6 +482,7 @@ def test_unknown_tfds_name_suggests_close_ones():
         (dict(num_channels=2), r"num_channels must be one of \(1, 3\)"),
         (dict(num_channels=4), r"num_channels must be one of \(1, 3\)"),
         (dict(dataset=""), "data.dataset must be 'digits', 'folder:<path>'"),
+        (dict(cache_in_memory=1), "data.cache_in_memory must be True or False, got 1"),
     ],
 )
 def test_config_errors(overrides, message):

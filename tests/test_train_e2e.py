@@ -134,6 +134,7 @@ BAD_CONFIGS = [
     ({"sampling.steps": 0}, ["sampling.steps", "=0 ", ">= 1"]),
     ({"sampling.eta": -0.5}, ["sampling.eta", "=-0.5 ", "[0.0, 1.0]"]),
     ({"data.dataset": ""}, ["data.dataset", "''", "'digits'"]),
+    ({"data.cache_in_memory": 1}, ["data.cache_in_memory", "=1 ", "True or False"]),
     ({"data.dataset": "folder:/no/such/dir"}, ["data.dataset", "/no/such/dir", "does not exist"]),
     ({"data.dataset": "no_such_dataset_xyz"}, ["data.dataset", "no_such_dataset_xyz", "unknown"]),
     ({"distributed.num_processes": 0}, ["num_processes", "=0 ", ">= 1"]),

@@ -46,8 +46,11 @@ FEATURE_CHUNK = 1000  # reference images per feature-network call
 
 
 def _source(config, split: str):
+    # Evaluation reads each example at most once: reading the split into memory first would
+    # only add a pass over all of it.
+    cfg = {**config.data, "cache_in_memory": False}
     try:
-        return data.create_source(config.data, split)
+        return data.create_source(cfg, split)
     # RuntimeError: a tfds dataset not prepared; KeyError: tfds on a split that does not exist.
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
         raise cli.UserError(f"config.data: {e}") from None

@@ -68,6 +68,8 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         _fail("data.dataset", dataset, "'digits', 'folder:<path>' or a tfds dataset name")
     _int(config, "data.image_size", 1)
     _choice(config, "data.num_channels", (1, 3))
+    if not isinstance(config.data.get("cache_in_memory", False), bool):
+        _fail("data.cache_in_memory", config.data.cache_in_memory, "True or False")
     # Diffusion.
     _choice(config, "diffusion.schedule", schedules.SCHEDULES)
     _int(config, "diffusion.num_timesteps", 2)

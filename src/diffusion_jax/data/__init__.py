@@ -5,6 +5,7 @@ it = data.create_batches(source, global_batch_size=..., seed=..., start_step=ste
                          process_index=..., process_count=..., random_flip=...)
 """
 
+from diffusion_jax.data.cache import InMemorySource
 from diffusion_jax.data.digits import DigitsSource, load_digits
 from diffusion_jax.data.folder import FolderSource
 from diffusion_jax.data.pipeline import create_batch_dataset, create_batches
@@ -14,6 +15,7 @@ from diffusion_jax.data.sources import create_source
 __all__ = [
     "DigitsSource",
     "FolderSource",
+    "InMemorySource",
     "create_batch_dataset",
     "create_batches",
     "create_source",

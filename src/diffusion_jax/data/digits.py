@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from diffusion_jax.data import images as images_lib
+from diffusion_jax.data.arrays import ArraySource
 
 BILINEAR = Image.Resampling.BILINEAR
 
@@ -33,15 +34,13 @@ def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     return images[idx], labels[idx]
 
 
-class DigitsSource:
+class DigitsSource(ArraySource):
     """Random-access digits: source[i] -> {"image": uint8 (S, S, C), "label": int32}.
 
     Native images are 8x8 grayscale. For image_size != 8 every image is resized once, at
     construction, with PIL's BILINEAR filter. num_channels=3 replicates the gray channel into
     R, G and B (the digits have no colour); num_channels=1 keeps it.
     """
-
-    num_classes = 10
 
     def __init__(self, split: str = "train", *, image_size: int = 8, num_channels: int = 1):
         images, labels = load_digits(split)
@@ -52,12 +51,4 @@ class DigitsSource:
                     for im in images
                 ]
             )
-        images.flags.writeable = False
-        labels.flags.writeable = False
-        self._images, self._labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self._images[index], "label": self._labels[index]}
+        super().__init__(images, labels, num_classes=10)

@@ -13,9 +13,12 @@ config.data fields (read with .get, so a ConfigDict or a plain dict both work):
   label_key     tfds only: the feature holding the class label (default 'label')
   scan_threads  image folders only: threads decoding every file once at construction
                 (default min(8, cpu count))
+  cache_in_memory  read every example once, at construction, and serve the decoded arrays
+                (default False; see `cache.InMemorySource`)
 """
 
 from diffusion_jax.data import images as images_lib
+from diffusion_jax.data.cache import InMemorySource
 from diffusion_jax.data.digits import SPLITS as DIGITS_SPLITS
 from diffusion_jax.data.digits import DigitsSource
 from diffusion_jax.data.folder import FolderSource
@@ -45,6 +48,14 @@ def create_source(cfg, split: str = "train"):
     Splits: digits 'train' | 'test' | 'all' (a fixed split); tfds any split string it knows
     ('train', 'test', 'train[:90%]', ...); an image folder is one split, 'train'.
     """
+    cache = cfg.get("cache_in_memory", False)
+    if not isinstance(cache, bool):
+        raise ValueError(f"data.cache_in_memory must be True or False, got {cache!r}")
+    source = _create_source(cfg, split)
+    return InMemorySource(source) if cache else source
+
+
+def _create_source(cfg, split: str):
     dataset = cfg.get("dataset")
     if not isinstance(dataset, str) or not dataset:
         raise ValueError(
