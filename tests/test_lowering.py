@@ -1,0 +1,85 @@
+"""What a GPU or a TPU would compile: the train step lowered for them on this CPU-only machine.
+
+JAX lowers a program for another platform without its hardware (`lowering_platforms`), so the
+accelerators' programs are checked here, where no accelerator is. The CPU-only paths of
+models/conv.py and models/norm.py (`lax.platform_dependent`) must stay out of them: on CUDA and
+TPU every 3x3 convolution is XLA's, in the forward pass and both gradients, and every reduction
+uses a standard reducer. Under training.mixed_precision every convolution and matmul there has
+a bfloat16 operand (none runs on two float32 ones). Each check also runs on the CPU lowering,
+where the CPU-only paths must show, so that none of them can pass vacuously.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from train_harness import tiny_config
+
+from diffusion_jax import models, training
+
+# Two levels, attention at 4x4, dropout: every kind of layer of the CIFAR-10 UNet.
+LAYERS = {
+    "model.ch_mult": (1, 2),
+    "model.attn_resolutions": (4,),
+    "model.dropout": 0.1,
+}
+ACCELERATORS = ("cuda", "tpu")
+
+
+def lowered_step(mixed: bool, platforms) -> tuple[dict, dict]:
+    """({platform: StableHLO text of the train step}, params)."""
+    config = tiny_config({**LAYERS, "training.mixed_precision": mixed})
+    model = models.create_model(training.model_config(config))
+    optimizer, lr = training.make_optimizer(config)
+    step = training.make_train_step(model, training.make_schedule(config), config, optimizer, lr)
+    state = jax.eval_shape(
+        lambda k: training.init_state(model, optimizer, config, k), jax.random.key(0)
+    )
+    images = jax.ShapeDtypeStruct((8, 8, 8, 1), np.uint8)
+    traced = jax.jit(step).trace(state, images, jax.eval_shape(lambda: jax.random.key(1)))
+    texts = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in platforms}
+    return texts, state.params
+
+
+def ops(text: str, name: str) -> list[str]:
+    return [line for line in text.splitlines() if f"stablehlo.{name}" in line]
+
+
+def operand_dtypes(line: str) -> tuple[str, str]:
+    lhs, rhs = re.search(r": \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) ->", line).groups()
+    return lhs, rhs
+
+
+@pytest.fixture(scope="module")
+def float32_step():
+    return lowered_step(False, ("cpu", *ACCELERATORS))
+
+
+def test_accelerators_get_xla_convolutions_and_standard_reducers(float32_step):
+    texts, params = float32_step
+    kernels_3x3 = [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+    # The forward pass and both gradients of each; the first layer's input (x_t) has no
+    # gradient.
+    expected_convolutions = 3 * len(kernels_3x3) - 1
+    for platform in ACCELERATORS:
+        text = texts[platform]
+        assert len(ops(text, "convolution")) == expected_convolutions, platform
+        winograd = [ln for ln in ops(text, "dot_general") if "tensor<36x" in ln]
+        assert not winograd, platform
+        assert all("applies stablehlo." in ln for ln in ops(text, "reduce(")), platform
+
+    cpu = texts["cpu"]
+    assert len(ops(cpu, "convolution")) < expected_convolutions
+    assert [ln for ln in ops(cpu, "dot_general") if "tensor<36x" in ln]
+    assert not all("applies stablehlo." in ln for ln in ops(cpu, "reduce("))
+
+
+def test_mixed_precision_convolutions_and_matmuls_are_bfloat16_on_accelerators():
+    texts, _ = lowered_step(True, ACCELERATORS)
+    for platform, text in texts.items():
+        products = ops(text, "convolution") + ops(text, "dot_general")
+        assert len(products) > 50, platform
+        float32 = [ln for ln in products if operand_dtypes(ln) == ("f32", "f32")]
+        assert not float32, (platform, float32[:2])
+        assert all(operand_dtypes(ln) == ("bf16", "bf16") for ln in ops(text, "convolution"))
