@@ -6,9 +6,9 @@ the kernel gradient is dW[i, j] = sum over (b, h, w) of x[b, h, w]^T dy[b, h - i
 (p = k // 2, dy zero outside the image): k * k matrix products contracting over B*H*W. XLA:CPU
 lowers the same gradient as a convolution whose window is the whole image: on the AVX2 machine
 of the first measurements 4 GFLOP/s against 44 as matmuls for a 3x3 kernel at batch 32 on
-32x32x128 (README "Performance"); on an AVX-512 machine 92-160 against 79-178 by shape, and the
-train step was 0.97-0.99x as fast with it, so the matmuls stay. On other backends, and for every
-other convolution, XLA's own gradient is used unchanged.
+32x32x128 (experiments/PERFORMANCE.md); on an AVX-512 machine 92-160 against 79-178 by shape,
+and the train step was 0.97-0.99x as fast with it, so the matmuls stay. On other backends, and
+for every other convolution, XLA's own gradient is used unchanged.
 
 On CPU the forward pass and both gradients of a float32 stride-1 same 3x3 convolution are
 Winograd's F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",

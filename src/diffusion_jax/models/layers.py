@@ -81,8 +81,9 @@ class Dropout(nn.Module):
     """flax's nn.Dropout (the same mask from the same rng, the same values) whose mask goes
     through pack_bits, so the backward pass keeps it at 1 bit per element: with nn.Dropout XLA
     keeps the uint32 random bits instead (32 bits per element; 1.0 GiB of the CIFAR-10 train
-    step's peak at batch 128, README "Performance"). The packing is a reduction, which XLA does
-    not duplicate into its consumers the way it did the comparison of bits with the threshold."""
+    step's peak at batch 128, experiments/PERFORMANCE.md). The packing is a reduction, which XLA
+    does not duplicate into its consumers the way it did the comparison of bits with the
+    threshold."""
 
     rate: float
 

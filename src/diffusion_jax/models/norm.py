@@ -6,14 +6,14 @@ computes them (var_g = E[x^2] - E[x]^2, clipped at 0). Autodiff of that composit
 about four image-sized float32 tensors per layer for the backward pass (x - mean, the
 normalised x, y and sigmoid(y)); the custom gradient here saves x and the per-group mean and
 rsqrt(var + eps) and recomputes the rest, which for the DDPM CIFAR-10 UNet at batch 128 is
-several GiB of the train step's peak memory (README "Performance").
+several GiB of the train step's peak memory (experiments/PERFORMANCE.md).
 
 GroupNorm's sums (`_sum`) of up to 2^18 elements stay in XLA's own reduction loops on CPU.
 XLA:CPU hands every reduce whose reducer is a lone add to YNNPACK, which ran GroupNorm's sums
 over the middle axes of (B, HW, G, C / G) slowly at small sizes: GroupNorm forward and backward
-alone ran 3x faster at (64, 8, 8, 32) in XLA's loops, and the digits train step 1.15x (README
-"Performance"). YNNPACK runs a large sum on both cores: all of the CIFAR-10 step's GroupNorm sums
-in XLA's loops made its batch-32 step 0.96x as fast, hence the size limit.
+alone ran 3x faster at (64, 8, 8, 32) in XLA's loops, and the digits train step 1.15x
+(experiments/PERFORMANCE.md). YNNPACK runs a large sum on both cores: all of the CIFAR-10 step's
+GroupNorm sums in XLA's loops made its batch-32 step 0.96x as fast, hence the size limit.
 """
 
 from __future__ import annotations
