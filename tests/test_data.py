@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -449,6 +450,8 @@ def test_tfds_source_cached(tmp_path):
 
 
 def test_in_memory_source_errors(monkeypatch):
+    from diffusion_jax.data import cache
+
     class Broken:
         num_classes = 1
 
@@ -462,10 +465,16 @@ def test_in_memory_source_errors(monkeypatch):
 
     with pytest.raises(RuntimeError, match="example 37 is unreadable"):
         data.InMemorySource(Broken(), threads=2)
-    from diffusion_jax.data import cache
 
+    class Ragged(Broken):
+        def __getitem__(self, i):
+            return {"image": np.zeros((4, 4, 1) if i < 20 else (1, 1, 1), np.uint8), "label": 0}
+
+    with pytest.raises(ValueError, match=r"example 20 has an image of shape \(1, 1, 1\)"):
+        data.InMemorySource(Ragged(), threads=1)
+    assert 0 < cache.host_memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # The 1,497 training digits are 95,808 bytes: more than half of a 4,000-byte host.
-    monkeypatch.setattr(cache, "physical_memory_bytes", lambda: 4000)
+    monkeypatch.setattr(cache, "host_memory_bytes", lambda: 4000)
     with pytest.raises(ValueError, match=r"cache_in_memory: the 1,497 decoded images take"):
         data.create_source(digits_config(cache_in_memory=True))
 

@@ -22,8 +22,18 @@ from diffusion_jax.data.arrays import ArraySource
 MAX_MEMORY_FRACTION = 0.5
 
 
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def host_memory_bytes() -> int:
+    """This host's physical memory, or its cgroup's limit (a container's) when that is lower."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            memory = min(memory, int(limit))
+    return memory
 
 
 class InMemorySource(ArraySource):
@@ -31,14 +41,17 @@ class InMemorySource(ArraySource):
 
     `threads` read the source in parallel (default min(8, cpu count)); the first error a read
     raises is raised here, at construction. ValueError if the decoded images would take more
-    than MAX_MEMORY_FRACTION of this host's memory.
+    than MAX_MEMORY_FRACTION of this host's memory. In a multi-process run every process reads
+    the whole split: its batches are drawn from all of it.
     """
 
     def __init__(self, source, *, threads: int | None = None):
         n = len(source)
+        if n == 0:
+            raise ValueError("data.cache_in_memory: the source has no examples")
         image_shape = np.shape(source[0]["image"])
         nbytes = n * int(np.prod(image_shape))
-        limit = int(MAX_MEMORY_FRACTION * physical_memory_bytes())
+        limit = int(MAX_MEMORY_FRACTION * host_memory_bytes())
         if nbytes > limit:
             raise ValueError(
                 f"data.cache_in_memory: the {n:,} decoded images take {nbytes / 2**30:.1f} GiB, "
@@ -53,6 +66,11 @@ class InMemorySource(ArraySource):
         def read(chunk: range) -> int:
             for i in chunk:
                 example = source[i]
+                if np.shape(example["image"]) != image_shape:
+                    raise ValueError(
+                        f"example {i} has an image of shape {np.shape(example['image'])}, "
+                        f"example 0 one of {image_shape}"
+                    )
                 images[i] = example["image"]
                 labels[i] = example["label"]
             return len(chunk)
