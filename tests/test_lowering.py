@@ -1,4 +1,5 @@
-"""What a GPU or a TPU would compile: the train step lowered for them on this CPU-only machine.
+"""What a GPU or a TPU would compile: the train step and the sampling chain lowered for them on
+this CPU-only machine.
 
 JAX lowers a program for another platform without its hardware (`lowering_platforms`), so the
 accelerators' programs are checked here, where no accelerator is. The CPU-only paths of
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from train_harness import tiny_config
 
-from diffusion_jax import models, training
+from diffusion_jax import models, samplers, training
 
 # Two levels, attention at 4x4, dropout: every kind of layer of the CIFAR-10 UNet.
 LAYERS = {
@@ -83,3 +84,41 @@ def test_mixed_precision_convolutions_and_matmuls_are_bfloat16_on_accelerators()
         float32 = [ln for ln in products if operand_dtypes(ln) == ("f32", "f32")]
         assert not float32, (platform, float32[:2])
         assert all(operand_dtypes(ln) == ("bf16", "bf16") for ln in ops(text, "convolution"))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
+def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
+    """The DDPM chain (a traced step count, so a while loop): on CUDA and TPU each 3x3
+    convolution once, as XLA's convolution (bfloat16 under mixed precision); on CPU in float32,
+    Winograd's products instead."""
+    config = tiny_config({**LAYERS, "training.mixed_precision": mixed})
+    model = models.create_model(training.model_config(config))
+    optimizer, _ = training.make_optimizer(config)
+    params = jax.eval_shape(
+        lambda k: training.init_state(model, optimizer, config, k), jax.random.key(0)
+    ).params
+    schedule = training.make_schedule(config)
+
+    def chain(params, num_steps, key):
+        def denoise_fn(x, t):
+            return model.apply({"params": params}, x, t, train=False)
+
+        padded = samplers.prepare_schedule(schedule, schedule.num_timesteps)
+        x_T = jax.random.normal(key, (8, 8, 8, 1))
+        return samplers.run_chain(denoise_fn, padded, num_steps, x_T, key)["sample"]
+
+    key = jax.eval_shape(lambda: jax.random.key(1))
+    traced = jax.jit(chain).trace(params, jax.ShapeDtypeStruct((), np.int32), key)
+    kernels_3x3 = [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+    for platform in ACCELERATORS:
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert len(ops(text, "while")) == 1, platform
+        convolutions = ops(text, "convolution")
+        assert len(convolutions) == len(kernels_3x3), platform
+        assert not [ln for ln in ops(text, "dot_general") if "tensor<36x" in ln], platform
+        if mixed:
+            assert all(operand_dtypes(ln) == ("bf16", "bf16") for ln in convolutions), platform
+    if not mixed:
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+        assert len(ops(cpu, "convolution")) < len(kernels_3x3)
+        assert [ln for ln in ops(cpu, "dot_general") if "tensor<36x" in ln]
