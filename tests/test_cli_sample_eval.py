@@ -227,3 +227,39 @@ def test_diffusers_import_gives_a_workdir_that_samples(cache_dir, tmp_path):
         import_to_workdir(tmp_path / "unet", workdir)
     with pytest.raises(UserError, match="--metric=is is unavailable for 'cifar10'"):
         evaluate_samples(workdir, "is", num_samples=100)
+
+
+CACHE_PROBE = """
+import jax, jax.numpy as jnp
+from diffusion_jax import cli
+path = cli.use_compilation_cache()
+jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
+print(path, jax.config.jax_compilation_cache_max_size)
+"""
+
+
+def _probe_cache(env_changes: dict):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(env_changes, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split(), proc.stderr
+
+
+def test_clis_keep_compiled_programs_in_the_user_cache(tmp_path):
+    (path, max_size), _ = _probe_cache({"DIFFUSION_JAX_CACHE": str(tmp_path)})
+    assert path == str(tmp_path / "xla") and int(max_size) == 2**30
+    assert any((tmp_path / "xla").iterdir()), "nothing was written to the cache"
+
+    # JAX_COMPILATION_CACHE_DIR decides when set; empty turns the cache off.
+    other = tmp_path / "other"
+    off = {"DIFFUSION_JAX_CACHE": str(other), "JAX_COMPILATION_CACHE_DIR": ""}
+    (path, _), _ = _probe_cache(off)
+    assert path == "None" and not other.exists()
+
+    # A cache directory that cannot be made: a warning, and no cache.
+    (tmp_path / "a_file").write_text("")
+    (path, _), stderr = _probe_cache({"DIFFUSION_JAX_CACHE": str(tmp_path / "a_file")})
+    assert path == "None" and "no XLA compilation cache" in stderr

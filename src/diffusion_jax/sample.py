@@ -101,6 +101,7 @@ def define_flags() -> None:
 def main(argv) -> None:
     del argv
     hostmem.keep_freed_memory()
+    cli.use_compilation_cache()
     cli.quiet_libraries()
     f = flags.FLAGS
     with cli.user_errors():

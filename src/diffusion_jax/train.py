@@ -39,7 +39,7 @@ from diffusion_jax import (
     sampling,
     training,
 )
-from diffusion_jax.cli import USER_ERRORS, UserError, quiet_libraries
+from diffusion_jax.cli import USER_ERRORS, UserError, quiet_libraries, use_compilation_cache
 from diffusion_jax.validation import check_devices, validate_config
 
 # Fields that fix the shapes of the parameters: a workdir trained with other values cannot be
@@ -375,6 +375,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     del argv
     hostmem.keep_freed_memory()
+    use_compilation_cache()
     config = FLAGS.config
     try:
         config.keys()
