@@ -103,6 +103,41 @@ def test_intermediates_and_progress(s, eps_fn):
     assert np.all(np.asarray(out["x_t"][:2]) != 0)
 
 
+def test_progress_is_reported_about_fifty_times_and_after_the_last_step(s, eps_fn, monkeypatch):
+    """A host callback per step costs (README); long chains report every total // 50 steps."""
+    seen = []
+    samplers.ddim_sample(
+        eps_fn,
+        s,
+        (1, 2, 2, 1),
+        jax.random.key(8),
+        num_steps=103,
+        progress_fn=lambda i, n: seen.append((int(i), int(n))),
+    )
+    jax.effects_barrier()
+    assert seen == [(i, 103) for i in range(2, 103, 2)] + [(103, 103)]
+
+    bars = []
+
+    class Bar:  # records what tqdm_progress does to its bars
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    update = samplers.tqdm_progress("test")
+    for i, n in seen:
+        update(i, n)
+    update(2, 103)  # a second chain starts a new bar
+    assert [(b.total, b.n, b.closed) for b in bars] == [(103, 103, True), (103, 2, False)]
+
+
 def test_ddim_inversion_round_trips(s, eps_fn):
     x0 = MU + SD * jax.random.normal(jax.random.key(7), SHAPE)
     run = jax.jit(lambda x: samplers.ddim_invert(eps_fn, s, x, num_steps=1000))

@@ -110,6 +110,10 @@ def prepare_schedule(s: Schedule, num_steps: int | None = None) -> Schedule:
     return jax.tree.map(padded, sub)
 
 
+# How many times a chain reports its progress (run_chain's progress_fn), at most about.
+PROGRESS_UPDATES = 50
+
+
 def run_chain(
     denoise_fn: Callable,
     s: Schedule,
@@ -131,7 +135,9 @@ def run_chain(
     Jittable; `num_steps`, `eta` and `x_T` may be traced. Returns a dict with "sample" and, when
     intermediates_every = k > 0, "x_t" and "pred_x0" of shape (ceil(T/k), *x_T.shape): the state
     after chain steps k-1, 2k-1, ... (entries past the last step stay zero).
-    `progress_fn(step, total)` is called on the host after each step (jax.debug.callback).
+    `progress_fn(step, total)` is called on the host (jax.debug.callback) after every
+    max(1, total // PROGRESS_UPDATES)-th step and after the last: a callback after every step
+    made a 200-step digits chain at batch 250 1.09x slower on CPU, even one that did nothing.
     """
     diffusion.check_choice("method", method, METHODS)
     diffusion.check_options(parameterization=parameterization, var_type=var_type)
@@ -161,7 +167,13 @@ def run_chain(
                 frames,
             )
         if progress_fn is not None:
-            jax.debug.callback(progress_fn, i + 1, num_steps)
+            done = i + 1
+            every = jnp.maximum(num_steps // PROGRESS_UPDATES, 1)
+            jax.lax.cond(
+                (done % every == 0) | (done == num_steps),
+                lambda: jax.debug.callback(progress_fn, done, num_steps),
+                lambda: None,
+            )
         return x, frames
 
     x, frames = jax.lax.fori_loop(0, num_steps, body, (x_T, frames))
@@ -337,9 +349,9 @@ def tqdm_progress(desc: str = "sampling") -> Callable:
     def update(step, total):
         nonlocal bar
         step, total = int(step), int(total)
-        if bar is None or step == 1:
+        if bar is None or step <= bar.n:  # a new chain
             bar = tqdm(total=total, desc=desc, leave=False)
-        bar.update(1)
+        bar.update(step - bar.n)
         if step >= total:
             bar.close()
 
