@@ -3,7 +3,7 @@
 A tfds split decodes a PNG per read: on the project's 2-core CPU a CIFAR-10-shaped array_record
 split gave 3,300-3,600 images/s through the batch pipeline (`experiments/bench_input.py`), less
 than the 5,000 training images/s an accelerator is asked for (issue 4); from memory, 20,000 to
-31,000. Decoded, CIFAR-10's 50,000 training images are 150 MiB. With
+31,000. Decoded, CIFAR-10's 50,000 training images are 146 MiB. With
 `config.data.cache_in_memory=True` the source is read once, at construction, into one uint8
 (N, S, S, C) array and one int32 (N,) array; reads after that are views of them. The examples
 are those of the source, so the batch stream is unchanged.
