@@ -43,6 +43,10 @@ def lowered_step(mixed: bool, platforms) -> tuple[dict, dict]:
     return texts, state.params
 
 
+def kernels_3x3(params) -> list:
+    return [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+
+
 def ops(text: str, name: str) -> list[str]:
     return [line for line in text.splitlines() if f"stablehlo.{name}" in line]
 
@@ -52,17 +56,11 @@ def operand_dtypes(line: str) -> tuple[str, str]:
     return lhs, rhs
 
 
-@pytest.fixture(scope="module")
-def float32_step():
-    return lowered_step(False, ("cpu", *ACCELERATORS))
-
-
-def test_accelerators_get_xla_convolutions_and_standard_reducers(float32_step):
-    texts, params = float32_step
-    kernels_3x3 = [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+def test_accelerators_get_xla_convolutions_and_standard_reducers():
+    texts, params = lowered_step(False, ("cpu", *ACCELERATORS))
     # The forward pass and both gradients of each; the first layer's input (x_t) has no
     # gradient.
-    expected_convolutions = 3 * len(kernels_3x3) - 1
+    expected_convolutions = 3 * len(kernels_3x3(params)) - 1
     for platform in ACCELERATORS:
         text = texts[platform]
         assert len(ops(text, "convolution")) == expected_convolutions, platform
@@ -109,16 +107,16 @@ def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
 
     key = jax.eval_shape(lambda: jax.random.key(1))
     traced = jax.jit(chain).trace(params, jax.ShapeDtypeStruct((), np.int32), key)
-    kernels_3x3 = [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+    num_kernels = len(kernels_3x3(params))
     for platform in ACCELERATORS:
         text = traced.lower(lowering_platforms=(platform,)).as_text()
         assert len(ops(text, "while")) == 1, platform
         convolutions = ops(text, "convolution")
-        assert len(convolutions) == len(kernels_3x3), platform
+        assert len(convolutions) == num_kernels, platform
         assert not [ln for ln in ops(text, "dot_general") if "tensor<36x" in ln], platform
         if mixed:
             assert all(operand_dtypes(ln) == ("bf16", "bf16") for ln in convolutions), platform
     if not mixed:
         cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-        assert len(ops(cpu, "convolution")) < len(kernels_3x3)
+        assert len(ops(cpu, "convolution")) < num_kernels
         assert [ln for ln in ops(cpu, "dot_general") if "tensor<36x" in ln]

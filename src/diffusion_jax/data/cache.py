@@ -59,7 +59,6 @@ class InMemorySource(ArraySource):
                 f"({limit / MAX_MEMORY_FRACTION / 2**30:.1f} GiB); set "
                 "data.cache_in_memory=False to read them from the source at every step"
             )
-        self.source = source
         images = np.empty((n, *image_shape), np.uint8)
         labels = np.empty((n,), np.int32)
 
