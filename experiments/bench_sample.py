@@ -7,7 +7,7 @@
 Per batch size: one jitted model forward (images/s, GFLOP/s from XLA's cost analysis of the
 forward with direct convolutions, bench_common.model_flops, fraction
 of a 4096^2 float32 matmul measured in the same command); the compiled sampler that train.py and
-sample.py use (sampling.make_sampler, a lax.fori_loop chain) at --steps and 2 x --steps, giving
+sample.py use (generate.make_sampler, a lax.fori_loop chain) at --steps and 2 x --steps, giving
 the time per chain step as the difference of the two over the extra steps, and its ratio to the
 single forward (the goal: within 5%); the whole chain of 2 x --steps in seconds (--steps=500:
 a 1000-step DDPM sample of the batch); and whether the second call compiled anything (the step
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import models, parallel, sampling, training
+from diffusion_jax import generate, models, parallel, training
 
 
 class CompileCounter:
@@ -127,7 +127,7 @@ def main() -> None:
         lambda k: model.init(k, jnp.zeros((1, s, s, c)), jnp.zeros((1,), jnp.int32))["params"],
         out_shardings=parallel.replicated(mesh),
     )(jax.random.key(0))
-    sample = sampling.make_sampler(model, training.make_schedule(config), config, mesh)
+    sample = generate.make_sampler(model, training.make_schedule(config), config, mesh)
     method = args.sampler or config.sampling.sampler
     rows = [
         measure(int(b), args, config, model, params, sample, method, mesh, compiles, ceiling)

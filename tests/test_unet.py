@@ -142,13 +142,13 @@ def test_class_embedding_changes_output():
 def test_image_conditioning_changes_output():
     model = tiny(cond_channels=2)
     x, t = inputs(model)
-    cond = jnp.ones(x.shape[:-1] + (2,))
-    params = random_params(model, x, t, cond=cond)
+    cond_image = jnp.ones(x.shape[:-1] + (2,))
+    params = random_params(model, x, t, cond_image=cond_image)
     assert params["conv_in"]["kernel"].shape == (3, 3, 5, TINY["ch"])
     apply = jax.jit(model.apply)
-    out = apply({"params": params}, x, t, cond=cond)
+    out = apply({"params": params}, x, t, cond_image=cond_image)
     assert out.shape == x.shape
-    assert not np.allclose(out, apply({"params": params}, x, t, cond=-cond), atol=1e-3)
+    assert not np.allclose(out, apply({"params": params}, x, t, cond_image=-cond_image), atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +213,7 @@ def test_input_validation(overrides, call, match):
 def test_conditioning_input_validation():
     x, t = inputs(tiny())
     y = jnp.zeros((2,), jnp.int32)
-    cond = jnp.zeros((2, 8, 8, 1))
+    cond_image = jnp.zeros((2, 8, 8, 1))
 
     def init(model, **kwargs):
         jax.eval_shape(model.init, jax.random.key(0), x, t, **kwargs)
@@ -224,9 +224,9 @@ def test_conditioning_input_validation():
         init(tiny(num_classes=4), y=y[:1])
     with pytest.raises(ValueError, match="y was given but num_classes=0"):
         init(tiny(), y=y)
-    with pytest.raises(ValueError, match=r"cond has shape None; expected \(2, 8, 8, 1\)"):
+    with pytest.raises(ValueError, match=r"cond_image has shape None; expected \(2, 8, 8, 1\)"):
         init(tiny(cond_channels=1))
-    with pytest.raises(ValueError, match=r"cond has shape \(2, 8, 8, 2\)"):
-        init(tiny(cond_channels=1), cond=jnp.zeros((2, 8, 8, 2)))
-    with pytest.raises(ValueError, match="cond was given but cond_channels=0"):
-        init(tiny(), cond=cond)
+    with pytest.raises(ValueError, match=r"cond_image has shape \(2, 8, 8, 2\)"):
+        init(tiny(cond_channels=1), cond_image=jnp.zeros((2, 8, 8, 2)))
+    with pytest.raises(ValueError, match="cond_image was given but cond_channels=0"):
+        init(tiny(), cond_image=cond_image)

@@ -2,7 +2,7 @@
 
 Equation numbers refer to Ho et al. 2020 (DDPM) unless said otherwise; learned variances and
 the hybrid loss are Nichol & Dhariwal 2021 (improved DDPM); v is Salimans & Ho 2022.
-A model reaches this module only as `denoise_fn(x_t, t, **cond) -> output`, where t is the
+A model reaches this module only as `denoise_fn(x_t, t, **model_kwargs) -> output`, where t is the
 schedule's `timesteps[t]` (the original step for a respaced schedule).
 """
 
@@ -267,7 +267,7 @@ def training_losses(
     var_type: str = "fixed_large",
     loss_type: str = "simple",
     hybrid_lambda: float = 0.001,
-    cond: dict | None = None,
+    model_kwargs: dict | None = None,
 ):
     """Per-example training losses at timesteps t; returns a dict with "loss" (B,).
 
@@ -281,7 +281,7 @@ def training_losses(
     check_timesteps(s, t, x0.shape[0])
     noise = jax.random.normal(key, x0.shape, x0.dtype)
     x_t = q_sample(s, x0, t, noise)
-    model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(cond or {}))
+    model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(model_kwargs or {}))
     mean_output, var_values = split_model_output(model_output, x_t, var_type)
     terms = {}
     if loss_type in ("simple", "hybrid"):
@@ -319,7 +319,7 @@ def calc_bpd(
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
     t_batch_size: int | None = None,
-    cond: dict | None = None,
+    model_kwargs: dict | None = None,
 ):
     """The full variational bound of a batch in bits/dim (eq. 5 summed over all T terms).
 
@@ -335,7 +335,7 @@ def calc_bpd(
         t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape, x0.dtype)
         x_t = q_sample(s, x0, t, noise)
-        model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(cond or {}))
+        model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(model_kwargs or {}))
         out = p_mean_variance(
             s,
             model_output,

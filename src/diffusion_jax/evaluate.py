@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import cli, data, diffusion, hostmem, metrics, parallel, sample
 from diffusion_jax.metrics import digits_classifier, inception
 from diffusion_jax.metrics.cache import default_cache_dir
-from diffusion_jax.sample import generate, sampler_options
+from diffusion_jax.sample import sample_workdir, sampler_options
 from diffusion_jax.workdir import load_config, load_workdir
 
 METRICS = ("nll", "fid", "is")
@@ -284,7 +284,7 @@ def evaluate_samples(
     if samples is None:
         mesh = parallel.make_mesh()
         wd = load_workdir(workdir, config=config, mesh=mesh)
-        images = generate(wd, n, options, seed=seed, mesh=mesh)
+        images = sample_workdir(wd, n, options, seed=seed, mesh=mesh)
         record.update(
             sampler=options["sampler"],
             steps=options["steps"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from diffusion_jax import cli, grid, hostmem, parallel, sampling
+from diffusion_jax import cli, generate, grid, hostmem, parallel
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.validation import SAMPLERS
 from diffusion_jax.workdir import Workdir, load_config, load_workdir
@@ -46,10 +46,10 @@ def sampler_options(config, *, sampler=None, steps=None, eta=None, batch_size=No
     return dict(sampler=sampler, steps=steps, eta=float(eta), batch_size=batch_size)
 
 
-def generate(wd: Workdir, num_samples: int, options: dict, *, seed: int = 0, mesh=None):
+def sample_workdir(wd: Workdir, num_samples: int, options: dict, *, seed: int = 0, mesh=None):
     """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`."""
     mesh = parallel.make_mesh() if mesh is None else mesh
-    sample = sampling.make_sampler(wd.model, wd.schedule, wd.config, mesh, progress=True)
+    sample = generate.make_sampler(wd.model, wd.schedule, wd.config, mesh, progress=True)
     return sample(wd.params, jax.random.key(seed), num_samples, **options)
 
 
@@ -65,7 +65,7 @@ def run(workdir, num_samples: int, output, *, seed: int = 0, **options) -> dict:
     options = sampler_options(config, **options)
     mesh = parallel.make_mesh()
     wd = load_workdir(workdir, config=config, mesh=mesh)
-    images = generate(wd, num_samples, options, seed=seed, mesh=mesh)
+    images = sample_workdir(wd, num_samples, options, seed=seed, mesh=mesh)
     record = dict(output=str(output), grid=None, num_samples=num_samples, seed=seed, **options)
     if jax.process_index() == 0:
         save_tree(output, {"images": images})

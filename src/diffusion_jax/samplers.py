@@ -1,6 +1,6 @@
 """Reverse chains: DDPM ancestral sampling, DDIM, DDIM inversion, latent interpolation.
 
-Every sampler takes `denoise_fn(x_t, t, **cond) -> model output` and a Schedule, never a
+Every sampler takes `denoise_fn(x_t, t, **model_kwargs) -> model output` and a Schedule, never a
 model object. A chain runs as one `lax.fori_loop` over a schedule padded to a fixed length,
 with the number of steps a (possibly traced) loop bound: jitting `run_chain` once serves every
 step count and eta without recompiling. `ddpm_sample` / `ddim_sample` are the convenient
@@ -128,7 +128,7 @@ def run_chain(
     clip_denoised: bool = True,
     intermediates_every: int = 0,
     progress_fn: Callable | None = None,
-    cond: dict | None = None,
+    model_kwargs: dict | None = None,
 ):
     """Run a reverse chain from x_T over indices num_steps-1, ..., 0 of (padded) schedule s.
 
@@ -156,7 +156,7 @@ def run_chain(
         x, frames = carry
         index = num_steps - 1 - i
         t = jnp.full((batch,), index, dtype=jnp.int32)
-        model_output = denoise_fn(x, jnp.take(s.timesteps, t), **(cond or {}))
+        model_output = denoise_fn(x, jnp.take(s.timesteps, t), **(model_kwargs or {}))
         noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
         x, pred_x0 = step_fn(s, model_output, x, t, noise, **options)
         if k:
@@ -225,7 +225,7 @@ def ddpm_sample(
     clip_denoised: bool = True,
     intermediates_every: int = 0,
     progress_fn: Callable | None = None,
-    cond: dict | None = None,
+    model_kwargs: dict | None = None,
 ):
     """Ancestral sampling (DDPM Algorithm 2) from N(0, I), over all T steps or `num_steps`
     evenly respaced ones (improved DDPM). Returns samples of `shape`, or with
@@ -242,7 +242,7 @@ def ddpm_sample(
         var_type=var_type,
         clip_denoised=clip_denoised,
         progress_fn=progress_fn,
-        cond=cond,
+        model_kwargs=model_kwargs,
     )
 
 
@@ -259,7 +259,7 @@ def ddim_sample(
     clip_denoised: bool = True,
     intermediates_every: int = 0,
     progress_fn: Callable | None = None,
-    cond: dict | None = None,
+    model_kwargs: dict | None = None,
 ):
     """DDIM sampling over `num_steps` evenly spread steps; eta = 0 is deterministic, eta = 1
     matches DDPM ancestral sampling with the posterior variance."""
@@ -278,7 +278,7 @@ def ddim_sample(
         var_type=var_type,
         clip_denoised=clip_denoised,
         progress_fn=progress_fn,
-        cond=cond,
+        model_kwargs=model_kwargs,
     )
 
 
@@ -291,7 +291,7 @@ def ddim_invert(
     parameterization: str = "eps",
     var_type: str = "fixed_large",
     clip_denoised: bool = False,
-    cond: dict | None = None,
+    model_kwargs: dict | None = None,
 ):
     """Deterministic DDIM encoding x_0 -> x_T (Song et al. 2021, Sec. 4.3), the inverse of
     `ddim_sample(eta=0)` up to discretisation: at index i the model sees x (at noise level
@@ -303,7 +303,7 @@ def ddim_invert(
 
     def body(i, x):
         t = jnp.full((batch,), i, dtype=jnp.int32)
-        model_output = denoise_fn(x, jnp.take(padded.timesteps, t), **(cond or {}))
+        model_output = denoise_fn(x, jnp.take(padded.timesteps, t), **(model_kwargs or {}))
         out = p_mean_variance(
             padded,
             model_output,

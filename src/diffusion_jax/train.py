@@ -32,11 +32,11 @@ from ml_collections import config_flags
 from diffusion_jax import (
     checkpointing,
     data,
+    generate,
     grid,
     hostmem,
     models,
     parallel,
-    sampling,
     training,
 )
 from diffusion_jax.cli import USER_ERRORS, UserError, quiet_libraries, use_compilation_cache
@@ -248,7 +248,7 @@ def _train(config, workdir: Path, stop: StopRequest) -> dict:
         out_shardings=(repl, repl),
         donate_argnums=(0,),
     )
-    sample = sampling.make_sampler(model, schedule, config, mesh)
+    sample = generate.make_sampler(model, schedule, config, mesh)
     batches = data.create_batches(
         source,
         global_batch_size=tc.batch_size,

@@ -196,7 +196,7 @@ class UNet(nn.Module):
     num_groups (GroupNorm), num_heads, num_head_channels (when set, heads = channels //
     num_head_channels, overriding num_heads), num_classes (> 0: class embedding of num_classes + 1
     entries added to the time embedding; label num_classes is the null label for classifier-free
-    guidance), cond_channels (> 0: an image `cond` concatenated to x on channels, e.g. SR3's
+    guidance), cond_channels (> 0: an image `cond_image` concatenated to x on channels, e.g. SR3's
     upsampled low-resolution input), dtype ("float32" or "bfloat16" compute; params float32).
     Fields are checked when the module is constructed.
     """
@@ -230,7 +230,7 @@ class UNet(nn.Module):
     def _heads(self, width: int) -> int:
         return width // self.num_head_channels if self.num_head_channels else self.num_heads
 
-    def _check_inputs(self, x, t, y, cond) -> None:
+    def _check_inputs(self, x, t, y, cond_image) -> None:
         s = self.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (s, s, self.in_channels):
             raise ValueError(
@@ -252,18 +252,20 @@ class UNet(nn.Module):
             raise ValueError("UNet: y was given but num_classes=0 (no class conditioning)")
         if self.cond_channels:
             expected = (b, s, s, self.cond_channels)
-            if cond is None or tuple(jnp.shape(cond)) != expected:
-                got = None if cond is None else tuple(jnp.shape(cond))
+            if cond_image is None or tuple(jnp.shape(cond_image)) != expected:
+                got = None if cond_image is None else tuple(jnp.shape(cond_image))
                 raise ValueError(
-                    f"UNet: cond has shape {got}; expected {expected} since cond_channels="
+                    f"UNet: cond_image has shape {got}; expected {expected} since cond_channels="
                     f"{self.cond_channels}"
                 )
-        elif cond is not None:
-            raise ValueError("UNet: cond was given but cond_channels=0 (no image conditioning)")
+        elif cond_image is not None:
+            raise ValueError(
+                "UNet: cond_image was given but cond_channels=0 (no image conditioning)"
+            )
 
     @nn.compact
-    def __call__(self, x, t, train: bool = False, y=None, cond=None):
-        self._check_inputs(x, t, y, cond)
+    def __call__(self, x, t, train: bool = False, y=None, cond_image=None):
+        self._check_inputs(x, t, y, cond_image)
         dtype = DTYPES[self.dtype]
         levels = len(self.ch_mult)
         temb_dim = 4 * self.ch
@@ -276,7 +278,7 @@ class UNet(nn.Module):
                 self.num_classes + 1, temb_dim, dtype=dtype, name="class_embedding"
             )(y)
         if self.cond_channels:
-            x = jnp.concatenate([x, cond], axis=-1)
+            x = jnp.concatenate([x, cond_image], axis=-1)
 
         h = conv3x3(self.ch, dtype, "conv_in")(x)
         skips = [h]

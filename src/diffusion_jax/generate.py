@@ -1,4 +1,4 @@
-"""Sampling a trained model: a compiled sampler from a config, batched over devices.
+"""Drawing samples from a trained model: a compiled sampler from a config, batched over devices.
 
 Used by the train loop (preview grids) and the sample CLI. The chain is compiled once per
 batch shape; step count and eta are traced, so changing them does not recompile.
