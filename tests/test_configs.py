@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffusion_jax import models
-from diffusion_jax.config import base_config, override
+from diffusion_jax.config import base_config, load_config, override
 from diffusion_jax.validation import validate_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -46,6 +46,14 @@ def test_variants_apply_in_order_and_unknown_names_are_refused():
     assert digits.get_config().diffusion.parameterization == "eps"
     with pytest.raises(ValueError, match="unknown config variant 'vee'; this config has: x0, v"):
         digits.get_config("vee")
+
+
+def test_load_config_reads_a_file_and_variant_as_the_cli_does():
+    path = next(p for p in CONFIGS if p.stem == "ddpm_digits")
+    assert load_config(str(path)).to_json() == load(path).get_config().to_json()
+    assert load_config(f"{path}:x0").diffusion.parameterization == "x0"
+    with pytest.raises(ValueError, match="config file 'configs/nope.py' does not exist"):
+        load_config("configs/nope.py:v")
 
 
 def test_model_shape_fields_follow_the_data():

@@ -9,7 +9,9 @@ value: `model.image_size` and `model.in_channels` are references to `data.image_
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
+from pathlib import Path
 
 from ml_collections import config_dict
 
@@ -83,6 +85,18 @@ def base_config() -> config_dict.ConfigDict:
         heartbeat_timeout=100,  # seconds of silence after which a process is declared dead
     )
     return config
+
+
+def load_config(spec: str) -> config_dict.ConfigDict:
+    """The config of `spec` = "path/to/file.py" or "path/to/file.py:arg", as `--config=spec`
+    gives it to the CLIs: the file's get_config(arg)."""
+    path, _, arg = str(spec).partition(":")
+    if not Path(path).is_file():
+        raise ValueError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def override(config: config_dict.ConfigDict, values: Mapping[str, object]):
