@@ -143,6 +143,11 @@ def test_statistics_round_trip(tmp_path):
     mu2, sigma2 = load_statistics(tmp_path / "ref.npz")
     np.testing.assert_array_equal(mu2, mu)
     np.testing.assert_array_equal(sigma2, sigma)
+    # The reference count, for result names, rides along and leaves (mu, sigma) unchanged.
+    save_statistics(tmp_path / "counted.npz", mu, sigma, num_examples=500)
+    np.testing.assert_array_equal(load_statistics(tmp_path / "counted.npz")[0], mu)
+    with np.load(tmp_path / "counted.npz", allow_pickle=False) as f:
+        assert int(f["num_examples"]) == 500
     np.savez(tmp_path / "other.npz", mean=mu)
     with pytest.raises(ValueError, match=r"no \['mu', 'sigma'\]"):
         load_statistics(tmp_path / "other.npz")
