@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpointing, sample, train
+import diffusion_jax
+from diffusion_jax import checkpointing, data, sample, train
 from diffusion_jax.cli import UserError
 from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
 from diffusion_jax.interop.diffusers import import_to_workdir, load_unet2d
@@ -81,6 +82,11 @@ def load_images(path):
         return f["images"]
 
 
+def load_provenance(path):
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["provenance"]))
+
+
 @pytest.fixture(scope="module")
 def cli_samples(workdir, tmp_path_factory):
     """72 samples (more than the digits features' 64 dimensions, for FID) from the CLI."""
@@ -94,6 +100,21 @@ def test_sample_cli_writes_images_and_same_seed_gives_same_images(workdir, cli_s
     out, record = cli_samples
     assert record["num_samples"] == 72 and record["step"] == 3 and record["output"] == str(out)
     assert (record["sampler"], record["steps"], record["seed"]) == ("ddim", 4, 0)
+    # How the samples were made travels with them, in the file and in the printed line.
+    made = load_provenance(out)
+    assert made == {k: record[k] for k in made}
+    assert made == {
+        "workdir": str(workdir.resolve()),
+        "step": 3,
+        "params": "ema",
+        "num_samples": 72,
+        "seed": 0,
+        "sampler": "ddim",
+        "steps": 4,
+        "eta": 0.0,
+        "batch_size": 8,
+        "diffusion_jax_version": diffusion_jax.__version__,
+    }
     images = load_images(out)
     assert images.dtype == np.uint8 and images.shape == (72, 8, 8, 1)
     assert out.with_suffix(".png").is_file()
@@ -124,6 +145,15 @@ def test_sample_errors(workdir, tmp_path):
         sample.run(workdir, 4, out, eta=1.5)
     with pytest.raises(UserError, match="--output=.*ending in .npz"):
         sample.run(workdir, 4, tmp_path / "x.png")
+    # An output path that cannot be written fails before sampling (which it once lost).
+    (tmp_path / "a_file").write_text("")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sample, "sample_workdir", lambda *a, **k: pytest.fail("sampled"))
+        with pytest.raises(UserError, match="a_file/x.npz: cannot write there"):
+            sample.run(workdir, 4, tmp_path / "a_file" / "x.npz")
+        (tmp_path / "d.npz").mkdir()
+        with pytest.raises(UserError, match="is a directory"):
+            sample.run(workdir, 4, tmp_path / "d.npz")
     proc = run_cli(
         "sample", f"--workdir={workdir}", "--num_samples=4", f"--output={out}", "--sampler=plms"
     )
@@ -141,6 +171,10 @@ def test_evaluate_nll_parts_sum_to_total(workdir):
     )
     assert record["decoder_bpd"] <= record["terms_bpd"]
     assert record["num_examples"] == 10 and record["step"] == 3
+    assert (
+        record["name"]
+        == f"nll@10 examples of digits test, bits/dim of the {NUM_TIMESTEPS}-step bound"
+    )
     saved = json.loads((workdir / "eval" / "nll_test.json").read_text())
     assert saved == record
 
@@ -152,12 +186,23 @@ def test_evaluate_fid_and_is_on_digits(workdir, cache_dir, cli_samples):
     assert proc.returncode == 0, proc.stderr
     fid = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fid["metric"] == "fid" and fid["num_samples"] == 72 and fid["value"] > 0
-    assert fid["sampler"] is None and fid["feature_network"].startswith("digits_classifier")
+    assert fid["feature_network"].startswith("digits_classifier")
+    num_refs = len(data.create_source(tiny_config().data, "train"))
+    want = f"fid@72 samples vs digits train ({num_refs} refs), digits-classifier features"
+    assert fid["name"] == want
+    # The samples file's provenance, and the results log beside the workdir's other results.
+    assert fid["samples"] == str(cli_samples[0])
+    assert fid["provenance"] == load_provenance(cli_samples[0])
+    assert (fid["sampler"], fid["steps"], fid["seed"], fid["step"]) == ("ddim", 4, 0, 3)
     assert list((cache_dir / "fid_stats").glob("*.npz"))  # reference statistics, cached
 
     score = evaluate_samples(workdir, "is", num_samples=100)  # sampled from the checkpoint
     assert score["metric"] == "is" and 1.0 < score["value"] <= 10.0 and score["std"] >= 0
     assert (score["sampler"], score["steps"], score["num_samples"]) == ("ddim", 4, 100)
+    assert score["name"] == "is@100 samples (10 splits), digits-classifier class probabilities"
+    assert score["provenance"]["params"] == "ema" and score["samples"] is None
+    results = (workdir / "eval" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["name"] for line in results[-2:]] == [want, score["name"]]
 
 
 def test_evaluate_errors(workdir, cache_dir, tmp_path):

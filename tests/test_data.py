@@ -2,13 +2,16 @@
 
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core import constants as tfds_constants
 
 from diffusion_jax import data
 from diffusion_jax.data import images as images_lib
@@ -376,29 +379,49 @@ def test_tfds_mock_cifar10_through_the_pipeline():
         assert_sources_equal(source, cached)
 
 
-def test_tfds_not_prepared_then_prepared(tmp_path):
+def test_tfds_unprepared_dataset_is_prepared_on_first_use(tmp_path, caplog):
     config = {"dataset": "tiny_shapes", "image_size": 8, "num_channels": 3}
     config["data_dir"] = str(tmp_path)
-    with pytest.raises(RuntimeError, match="is not prepared") as info:
-        data.create_source(config)
-    assert f"python -m diffusion_jax.data.prepare --dataset=tiny_shapes --data_dir={tmp_path}" in (
-        str(info.value)
-    )
-    from diffusion_jax.data import prepare
-
-    written = prepare.prepare("tiny_shapes", str(tmp_path))
-    assert written.startswith(str(tmp_path)) and prepare.prepare("tiny_shapes", str(tmp_path))
-    source = data.create_source(config)
+    with caplog.at_level(logging.INFO):
+        source = data.create_source(config)
+    assert "preparing tiny_shapes at" in caplog.text
+    assert (tmp_path / "tiny_shapes" / "1.0.0" / "dataset_info.json").exists()
     assert len(source) == 6 and source.num_classes == 2
     assert [int(source[i]["label"]) for i in range(6)] == [0, 1, 0, 1, 0, 1]
     assert source[3]["image"].shape == (8, 8, 3) and (source[3]["image"] == 30).all()
+    from diffusion_jax.data import prepare
 
-    # Files prepared in another format (tfrecord) get their own message, not "not prepared".
+    assert prepare.prepare("tiny_shapes", str(tmp_path)).startswith(str(tmp_path))
+
+    # Files prepared in another format (tfrecord) get their own message.
     info_path = tmp_path / "tiny_shapes" / "1.0.0" / "dataset_info.json"
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps({**info, "fileFormat": "tfrecord"}))
     with pytest.raises(RuntimeError, match="prepared in the tfrecord format"):
         data.create_source(config)
+
+
+def _no_network(self, *args, **kwargs):
+    raise requests.exceptions.ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+
+@pytest.mark.parametrize("with_data_dir", [True, False])
+def test_tfds_download_failure_names_the_prepare_command(tmp_path, monkeypatch, with_data_dir):
+    """CIFAR-10 with no network: tfds' own errors were a KeyError "splits is empty" (default
+    data_dir missing) or a TFRECORD format error (empty data_dir); now one clear message."""
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_network)
+    # tfds reads its default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets) at import.
+    monkeypatch.setattr(tfds_constants, "DATA_DIR", str(tmp_path / "default"))
+    data_dir = str(tmp_path / "given") if with_data_dir else None
+    config = {"dataset": "cifar10", "image_size": 32, "num_channels": 3, "data_dir": data_dir}
+    with pytest.raises(RuntimeError) as info:
+        data.create_source(config)
+    message = str(info.value)
+    where = tmp_path / ("given" if with_data_dir else "default") / "cifar10"
+    assert f"'cifar10' is not prepared (nothing at {where}" in message
+    assert "ConnectionError: Failed to resolve 'www.cs.toronto.edu'" in message
+    flag = f" --data_dir={data_dir}" if with_data_dir else ""
+    assert message.endswith(f"python -m diffusion_jax.data.prepare --dataset=cifar10{flag}")
 
 
 def test_unknown_tfds_name_suggests_close_ones():

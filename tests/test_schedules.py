@@ -53,6 +53,47 @@ def test_cosine_matches_its_alpha_bar_formula():
     assert float(np.max(s.betas)) <= 0.999 + 1e-7
 
 
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# Each beta schedule written from its source, one beta at a time (index i = paper's t - 1):
+# quad, const, jsd, warmupN from the DDPM code (diffusion_utils_2.get_beta_schedule), sigmoid
+# from the DDIM code, cosine from improved DDPM (eq. 17 and betas_for_alpha_bar).
+def _beta_formula(name, i, T, start, end):
+    if name == "linear":
+        return start + (end - start) * i / (T - 1)
+    if name == "quadratic":
+        return (math.sqrt(start) + (math.sqrt(end) - math.sqrt(start)) * i / (T - 1)) ** 2
+    if name == "sigmoid":
+        return _sigmoid(-6.0 + 12.0 * i / (T - 1)) * (end - start) + start
+    if name == "const":
+        return end
+    if name == "jsd":
+        return 1.0 / (T - i)
+    if name in ("warmup10", "warmup50"):
+        warmup = int(T * int(name[len("warmup") :]) / 100)
+        return start + (end - start) * i / (warmup - 1) if i < warmup else end
+    assert name == "cosine"
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999)
+
+
+@pytest.mark.parametrize("name", schedules.SCHEDULES)
+@pytest.mark.parametrize("T", [1000, 200])
+def test_every_beta_schedule_matches_its_formula(name, T):
+    # DDPM's 1e-4 and 0.02, scaled by 1000 / T (improved DDPM's rule).
+    start, end = 1e-4 * 1000 / T, 0.02 * 1000 / T
+    want = np.array([_beta_formula(name, i, T, start, end) for i in range(T)])
+    betas = schedules.get_beta_schedule(name, T)
+    # float64 on both sides, the formulas evaluated in different orders: ~1e-15 relative.
+    np.testing.assert_allclose(betas, want, rtol=1e-12)
+    np.testing.assert_allclose(schedules.make_schedule(name, T).betas, want, rtol=1e-6)
+
+
 def test_posterior_tables_match_their_definitions():
     s = schedules.make_schedule("quadratic", 100)
     b = np.asarray(s.betas, np.float64)

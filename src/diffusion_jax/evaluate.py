@@ -12,6 +12,12 @@ classifier for the embedded 8x8 digits, else the FID InceptionV3; reference stat
 dataset's train split are computed once and cached as .npz in the cache dir
 ($DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax). The Inception weights have no classifier
 head, so the Inception Score exists for the digits only. Prints one JSON line.
+
+Every result carries its provenance: a `name` that says what was measured against what (e.g.
+"fid@1000 samples vs cifar10 train (50000 refs), FID-InceptionV3 pool3 features"), the
+checkpoint step and parameters, and for fid / is the samples' provenance (read from the
+samples file, which diffusion_jax.sample writes, or that of the samples made here). Each result
+is also appended as a JSON line to W/eval/results.jsonl.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import cli, data, diffusion, hostmem, metrics, parallel, sample
 from diffusion_jax.metrics import digits_classifier, inception
 from diffusion_jax.metrics.cache import default_cache_dir
-from diffusion_jax.sample import sample_workdir, sampler_options
+from diffusion_jax.sample import provenance, read_provenance, sample_workdir, sampler_options
 from diffusion_jax.workdir import load_config, load_workdir
 
 METRICS = ("nll", "fid", "is")
@@ -43,6 +49,16 @@ DEFAULT_NUM_SAMPLES = 10_000
 IS_SPLITS = 10
 IS_MIN_SAMPLES = 100  # 10 per split: a split of one sample scores exactly 1
 FEATURE_CHUNK = 1000  # reference images per feature-network call
+RESULTS_FILE = "results.jsonl"  # in W/eval: one JSON line per evaluation
+
+
+def _append_result(workdir, record: dict) -> None:
+    """Append `record` to W/eval/results.jsonl (process 0 only)."""
+    if jax.process_index() == 0:
+        path = Path(workdir) / "eval" / RESULTS_FILE
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _source(config, split: str):
@@ -124,17 +140,25 @@ def evaluate_nll(
             sums[part] += float(np.sum(out[part][:real], dtype=np.float64))
     record = dict(
         metric="nll",
+        name=(
+            f"nll@{n} examples of {config.data.dataset} {split}, bits/dim of the "
+            f"{wd.schedule.num_timesteps}-step bound"
+        ),
         split=split,
         **{part: total / n for part, total in sums.items()},
         num_examples=n,
         clip_denoised=bool(config.sampling.clip_denoised),
+        workdir=str(Path(workdir).resolve()),
         step=wd.step,
+        params="ema",
+        seed=seed,
         seconds=round(time.time() - start, 3),
     )
     if jax.process_index() == 0:
         path = Path(workdir) / "eval" / f"nll_{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(record) + "\n")
+    _append_result(workdir, record)
     return record
 
 
@@ -144,6 +168,7 @@ def evaluate_nll(
 @dataclasses.dataclass(frozen=True)
 class FeatureNetwork:
     name: str
+    description: str  # how result names call it, e.g. "digits-classifier"
     dim: int
     features: Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, C) -> (N, dim)
     logits: Callable[[np.ndarray], np.ndarray] | None  # for the Inception Score
@@ -169,6 +194,7 @@ def feature_network(config, metric: str) -> FeatureNetwork:
         variables = functools.cache(metrics.get_digits_classifier)
         return FeatureNetwork(
             digits_classifier.CACHE_FILENAME.removesuffix(".npz"),
+            "digits-classifier",
             digits_classifier.FEATURE_DIM,
             lambda images: metrics.digits_features(variables(), images),
             lambda images: metrics.digits_logits(variables(), images),
@@ -185,14 +211,16 @@ def feature_network(config, metric: str) -> FeatureNetwork:
         raise cli.UserError(str(e)) from None
     return FeatureNetwork(
         "inception_fid",
+        "FID-InceptionV3 pool3",
         inception.FEATURE_DIM,
         functools.partial(_inception_features, variables),
         None,
     )
 
 
-def reference_statistics(config, network: FeatureNetwork) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean and covariance of the dataset's train split, cached in the cache dir."""
+def reference_statistics(config, network: FeatureNetwork) -> tuple[np.ndarray, np.ndarray, int]:
+    """Feature mean, covariance and example count of the dataset's train split, cached in the
+    cache dir (a cached file without the count, from an older version, is recomputed)."""
     d = config.data
     key = [network.name, d.dataset, d.get("data_dir", ""), REFERENCE_SPLIT, d.image_size]
     key += [d.num_channels]
@@ -200,7 +228,9 @@ def reference_statistics(config, network: FeatureNetwork) -> tuple[np.ndarray, n
     slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{d.dataset}_{REFERENCE_SPLIT}_{d.image_size}px")
     path = default_cache_dir() / "fid_stats" / f"{network.name}_{slug}_{digest}.npz"
     if path.is_file():
-        return metrics.load_statistics(path)
+        with np.load(path, allow_pickle=False) as cached:
+            if "num_examples" in cached.files:
+                return cached["mu"], cached["sigma"], int(cached["num_examples"])
     source = _source(config, REFERENCE_SPLIT)
     chunks = _batches(source, len(source), FEATURE_CHUNK)
     total = -(-len(source) // FEATURE_CHUNK)
@@ -209,11 +239,12 @@ def reference_statistics(config, network: FeatureNetwork) -> tuple[np.ndarray, n
         mu, sigma = metrics.feature_statistics(np.concatenate(features))
     except ValueError as e:
         raise cli.UserError(f"reference set {d.dataset!r} {REFERENCE_SPLIT}: {e}") from None
-    metrics.save_statistics(path, mu, sigma)
-    return mu, sigma
+    metrics.save_statistics(path, mu, sigma, num_examples=len(source))
+    return mu, sigma, len(source)
 
 
-def load_samples(path) -> np.ndarray:
+def load_samples(path) -> tuple[np.ndarray, dict | None]:
+    """The images of a samples .npz and its provenance (None if written without one)."""
     path = Path(path)
     if not path.is_file():
         raise cli.UserError(f"--samples={path}: no such file")
@@ -221,7 +252,7 @@ def load_samples(path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as f:
             if "images" not in f.files:
                 raise cli.UserError(f"{path} has no 'images' array (found {sorted(f.files)})")
-            return f["images"]
+            return f["images"], read_provenance(f)
     except (ValueError, OSError) as e:
         raise cli.UserError(f"{path} is not a readable .npz of images: {e}") from None
 
@@ -270,9 +301,8 @@ def evaluate_samples(
     if samples is not None and num_samples is not None:
         raise cli.UserError("give --samples (evaluate a file) or --num_samples (sample), not both")
     config = load_config(workdir)
-    record = dict(metric=metric, sampler=None, steps=None, eta=None, seed=None, step=None)
     if samples is not None:
-        images = load_samples(samples)
+        images, made = load_samples(samples)
         check_images(images, config, str(samples))
         n = len(images)
     else:
@@ -285,25 +315,33 @@ def evaluate_samples(
         mesh = parallel.make_mesh()
         wd = load_workdir(workdir, config=config, mesh=mesh)
         images = sample_workdir(wd, n, options, seed=seed, mesh=mesh)
-        record.update(
-            sampler=options["sampler"],
-            steps=options["steps"],
-            eta=options["eta"],
-            seed=seed,
-            step=wd.step,
-        )
+        made = provenance(workdir, wd.step, n, seed, options)
     if metric == "fid":
         mu, sigma = metrics.feature_statistics(network.features(images))
-        record.update(value=metrics.frechet_distance(mu, sigma, *reference))
+        ref_mu, ref_sigma, num_refs = reference
+        name = (
+            f"fid@{n} samples vs {config.data.dataset} {REFERENCE_SPLIT} ({num_refs} refs), "
+            f"{network.description} features"
+        )
+        value = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+        record = dict(metric=metric, name=name, value=value)
     else:
         value, std = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
-        record.update(value=value, std=std)
-    return dict(
+        name = f"is@{n} samples ({IS_SPLITS} splits), {network.description} class probabilities"
+        record = dict(metric=metric, name=name, value=value, std=std)
+    made = made or {}
+    record = dict(
         record,
         num_samples=n,
         feature_network=network.name,
+        samples=None if samples is None else str(samples),
+        # The samples' provenance (None for a file written without one).
+        **{key: made.get(key) for key in ("sampler", "steps", "eta", "seed", "step")},
+        provenance=made or None,
         seconds=round(time.time() - start, 3),
     )
+    _append_result(workdir, record)
+    return record
 
 
 def define_flags() -> None:

@@ -2,22 +2,26 @@
 --output=F.npz [--sampler=ddpm|ddim --steps=K --eta=E --seed=S --batch_size=B]`.
 
 Uses the EMA parameters of the newest readable checkpoint; sampler, steps, eta and batch size
-default to the workdir's config.sampling. Writes F.npz (`images`: uint8 (N, H, W, C), no
-pickle) and a PNG grid of the first 100 images beside it (F.png), and prints one JSON line.
-The images are a function of (checkpoint, sampler, steps, eta, seed, batch size): the same
-flags give the same images. Bad input is reported as one `error:` line with exit code 2.
+default to the workdir's config.sampling. Writes F.npz (`images`: uint8 (N, H, W, C), and
+`provenance`: a JSON string saying how they were made, see `provenance`; no pickle) and a PNG
+grid of the first 100 images beside it (F.png), and prints one JSON line holding the same
+provenance. The images are a function of (checkpoint, sampler, steps, eta, seed, batch size):
+the same flags give the same images. Bad input, including an output path that cannot be
+written (checked before sampling), is reported as one `error:` line with exit code 2.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import app, flags
 
-from diffusion_jax import cli, generate, grid, hostmem, parallel
+from diffusion_jax import __version__, cli, generate, grid, hostmem, parallel
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.validation import SAMPLERS
 from diffusion_jax.workdir import Workdir, load_config, load_workdir
@@ -53,24 +57,63 @@ def sample_workdir(wd: Workdir, num_samples: int, options: dict, *, seed: int = 
     return sample(wd.params, jax.random.key(seed), num_samples, **options)
 
 
+def check_output(output: Path) -> None:
+    """Raise UserError unless `output` can be written: its directory exists (or is made here)
+    and takes a new file. Run before sampling, so a bad path costs no sampling time."""
+    if output.suffix != ".npz":
+        raise cli.UserError(f"--output={output}: expected a file name ending in .npz")
+    if output.is_dir():
+        raise cli.UserError(f"--output={output}: is a directory; expected a .npz file name")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}."):
+            pass
+    except OSError as e:
+        raise cli.UserError(
+            f"--output={output}: cannot write there ({e.strerror or e}); choose another path"
+        ) from None
+
+
+def provenance(workdir, step: int, num_samples: int, seed: int, options: dict) -> dict:
+    """How a set of samples was made: everything that determines the images, and who made them."""
+    return dict(
+        workdir=str(Path(workdir).resolve()),
+        step=step,
+        params="ema",
+        num_samples=num_samples,
+        seed=seed,
+        **options,
+        diffusion_jax_version=__version__,
+    )
+
+
+def read_provenance(npz) -> dict | None:
+    """The provenance stored in an open samples .npz, or None for files written without it."""
+    if "provenance" not in npz.files:
+        return None
+    return json.loads(str(npz["provenance"]))
+
+
 def run(workdir, num_samples: int, output, *, seed: int = 0, **options) -> dict:
     """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record."""
     start = time.time()
     if num_samples < 1:
         raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
     output = Path(output)
-    if output.suffix != ".npz":
-        raise cli.UserError(f"--output={output}: expected a file name ending in .npz")
     config = load_config(workdir)
     options = sampler_options(config, **options)
+    if jax.process_index() == 0:
+        check_output(output)
     mesh = parallel.make_mesh()
     wd = load_workdir(workdir, config=config, mesh=mesh)
     images = sample_workdir(wd, num_samples, options, seed=seed, mesh=mesh)
-    record = dict(output=str(output), grid=None, num_samples=num_samples, seed=seed, **options)
+    made = provenance(workdir, wd.step, num_samples, seed, options)
+    record = dict(output=str(output), grid=None, **made)
     if jax.process_index() == 0:
-        save_tree(output, {"images": images})
+        # A JSON string as a numpy unicode array: readable with allow_pickle=False.
+        save_tree(output, {"images": images, "provenance": np.array(json.dumps(made))})
         record["grid"] = str(grid.save_grid(images[:GRID_IMAGES], output.with_suffix(".png")))
-    return dict(record, step=wd.step, seconds=round(time.time() - start, 3))
+    return dict(record, seconds=round(time.time() - start, 3))
 
 
 def define_sampler_flags() -> None:

@@ -1,7 +1,8 @@
 """Any TensorFlow Datasets image dataset, read by random access without TensorFlow.
 
 `tfds.data_source(name, split=..., download=False)` reads data prepared once in the
-array_record format (see `diffusion_jax.data.prepare`). Images are converted explicitly to
+array_record format (see `diffusion_jax.data.prepare`; an unprepared dataset is prepared on
+first use). Images are converted explicitly to
 RGB or L, centre-cropped to a square and resized with PIL's BICUBIC filter when their size
 differs from image_size (see `images.prepare_array`); images already of the requested shape
 pass through untouched. Labels come from the feature `label_key` ("label" by default) when
@@ -15,39 +16,46 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion_jax.data import images as images_lib
+from diffusion_jax.data import prepare as prepare_lib
 
 BICUBIC = Image.Resampling.BICUBIC
 ALLOWED = "'digits', 'folder:<path>' (or 'folder' with data.data_dir), or a tfds dataset name"
 
 
-def _prepare_hint(name: str, data_dir: str | None) -> str:
-    flag = f" --data_dir={data_dir}" if data_dir else ""
-    return f"python -m diffusion_jax.data.prepare --dataset={name}{flag}"
-
-
 def open_data_source(name: str, split: str, data_dir: str | None):
-    """tfds.data_source with clear errors for unknown and unprepared datasets."""
+    """tfds.data_source of a prepared dataset, preparing it first when it is not.
+
+    A dataset met for the first time is downloaded and prepared as array_record (as tfds users
+    expect; progress is logged); if that fails (no network, no TensorFlow for a builder that
+    needs it) the error says so and gives the command that prepares it elsewhere. Checking
+    `is_prepared` first also avoids tfds' own messages for that case, which mislead: a KeyError
+    "splits is empty" without a data_dir, a TFRECORD format error with one.
+    """
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
         known = tfds.list_builders(with_community_datasets=False)
         close = difflib.get_close_matches(name.split("/")[0], known, n=3)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"unknown dataset {name!r}: expected {ALLOWED}.{hint}") from e
-    except NotImplementedError as e:
-        # tfds says "Random access data source for file format TFRECORD is not supported" both
-        # when nothing is prepared and when tfrecord files are: tell the two apart.
-        builder = tfds.builder(name, data_dir=data_dir)
-        if builder.is_prepared():
+    if not builder.is_prepared():
+        try:
+            prepare_lib.prepare(name, data_dir)
+        except prepare_lib.PrepareError as e:
             raise RuntimeError(
-                f"tfds dataset {name!r} at {builder.data_dir} is prepared in the "
-                f"{builder.info.file_format.value} format, which random access cannot read. "
-                f"Prepare it in array_record format into another data_dir (or delete that "
-                f"one first): {_prepare_hint(name, data_dir)}"
+                f"tfds dataset {name!r} is not prepared (nothing at {builder.data_dir}) and "
+                f"preparing it here failed: {e}. Prepare it once where that works: "
+                f"{prepare_lib.prepare_command(name, data_dir)}"
             ) from e
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except NotImplementedError as e:
+        # Prepared, but not in a format random access reads (tfds' default, tfrecord).
         raise RuntimeError(
-            f"tfds dataset {name!r} is not prepared (nothing at {builder.data_dir}). "
-            f"Prepare it once, with network access: {_prepare_hint(name, data_dir)}"
+            f"tfds dataset {name!r} at {builder.data_dir} is prepared in the "
+            f"{builder.info.file_format.value} format, which random access cannot read. "
+            f"Prepare it in array_record format into another data_dir (or delete that "
+            f"one first): {prepare_lib.prepare_command(name, data_dir)}"
         ) from e
 
 

@@ -106,12 +106,16 @@ def inception_score(
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_statistics(path, mu, sigma) -> None:
-    """Save reference statistics as .npz with arrays `mu` (D,) and `sigma` (D, D)."""
+def save_statistics(path, mu, sigma, *, num_examples: int | None = None) -> None:
+    """Save reference statistics as .npz with arrays `mu` (D,) and `sigma` (D, D), and, when
+    given, `num_examples` (a scalar: how many examples they summarise, for reporting)."""
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    save_tree(path, {"mu": mu, "sigma": sigma})
+    tree = {"mu": mu, "sigma": sigma}
+    if num_examples is not None:
+        tree["num_examples"] = np.int64(num_examples)
+    save_tree(path, tree)
 
 
 def load_statistics(path) -> tuple[np.ndarray, np.ndarray]:
