@@ -66,7 +66,7 @@ def test_one_ddim_step_equals_ddim_scheduler(clip):
             .prev_sample.numpy()
             .transpose(0, 2, 3, 1)
         )
-        got, _ = samplers.ddim_step(
+        got, _, _ = samplers.ddim_step(
             s,
             jnp.asarray(eps),
             jnp.asarray(x),

@@ -66,7 +66,7 @@ def test_one_compiled_chain_serves_every_step_count(s, eps_fn):
 
     def chain(padded, n, x_T, key, eta):
         traces.append(1)
-        return samplers.run_chain(eps_fn, padded, n, x_T, key, method="ddim", eta=eta)["sample"]
+        return samplers.run_chain(eps_fn, padded, n, x_T, key, sampler="ddim", eta=eta)["sample"]
 
     fn = jax.jit(chain)
     x_T = jax.random.normal(jax.random.key(4), (4, 2, 2, 1))
@@ -78,7 +78,7 @@ def test_one_compiled_chain_serves_every_step_count(s, eps_fn):
             n,
             x_T,
             jax.random.key(5),
-            method="ddim",
+            sampler="ddim",
             eta=eta,
         )["sample"]
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -147,7 +147,7 @@ def test_ddim_inversion_round_trips(s, eps_fn):
     # ... and decoding it with the same deterministic chain gives the data back.
     padded = samplers.prepare_schedule(s, 1000)
     back = samplers.run_chain(
-        eps_fn, padded, 1000, x_T, jax.random.key(0), method="ddim", clip_denoised=False
+        eps_fn, padded, 1000, x_T, jax.random.key(0), sampler="ddim", clip_denoised=False
     )
     # Discretisation error of the two 1000-step ODE solves: measured ~1e-3 of the data scale.
     assert float(jnp.max(jnp.abs(back["sample"] - x0))) < 0.02
@@ -194,9 +194,9 @@ def test_slerp_ends_and_norm():
         ),
         (
             lambda s, f: samplers.run_chain(
-                f, s, 3, jnp.zeros((1, 2, 2, 1)), jax.random.key(0), method="euler"
+                f, s, 3, jnp.zeros((1, 2, 2, 1)), jax.random.key(0), sampler="euler"
             ),
-            "method",
+            "sampler",
         ),
     ],
 )
@@ -209,8 +209,35 @@ def test_ddpm_step_adds_no_noise_at_the_last_step(s):
     x = jnp.ones((2, 1, 1, 1))
     out = jnp.zeros_like(x)
     noise = jnp.full_like(x, 10.0)
-    a, _ = samplers.ddpm_step(s, out, x, jnp.array([0, 0]), noise)
-    b, _ = samplers.ddpm_step(s, out, x, jnp.array([0, 0]), 0 * noise)
+    a, _, _ = samplers.ddpm_step(s, out, x, jnp.array([0, 0]), noise)
+    b, _, _ = samplers.ddpm_step(s, out, x, jnp.array([0, 0]), 0 * noise)
     np.testing.assert_array_equal(a, b)
     mean = diffusion.p_mean_variance(s, out, x, jnp.array([0, 0]))["mean"]
     np.testing.assert_allclose(a, mean)
+
+
+def test_dpm_solver_2m_follows_the_exact_ode_of_gaussian_data(s, eps_fn):
+    """For N(mu, sd^2) data the probability-flow ODE keeps z = (x_t - sqrt(abar_t) mu) /
+    sqrt(abar_t sd^2 + 1 - abar_t) constant. DPM-Solver++(2M) integrates it from x_T to the
+    last kept index t_1 and ends with the first-order step to abar = 1, which returns the
+    optimal pred_x0 = E[x_0 | x_{t_1}] = mu + sd^2 sqrt(a) / sqrt(a sd^2 + 1 - a) z, a = abar_{t_1}
+    (float64 closed form)."""
+    x_T = jax.random.normal(jax.random.key(10), SHAPE)
+    abar = np.cumprod(1.0 - np.asarray(s.betas, np.float64))
+    z = (np.asarray(x_T, np.float64) - np.sqrt(abar[-1]) * MU) / np.sqrt(
+        abar[-1] * SD**2 + 1 - abar[-1]
+    )
+    padded = samplers.prepare_schedule(s, 20, "dpm_solver++2m")
+    x = samplers.run_chain(
+        eps_fn, padded, 20, x_T, jax.random.key(0), sampler="dpm_solver++2m", clip_denoised=False
+    )["sample"]
+    x = np.asarray(x, np.float64)
+    t_1 = samplers.dpm_solver_timesteps(s.num_timesteps, 20)[0]
+    a = abar[t_1]
+    shrink = SD * np.sqrt(a) / np.sqrt(a * SD**2 + 1 - a)  # 0.943 at t_1 = 50
+    # Discretisation error only (the denoiser is exact): measured 0.020 at worst over the
+    # 16,384 values (|z| up to 4), 0.15 for the first-order DDIM on the same steps.
+    np.testing.assert_allclose(x, MU + SD * shrink * z, atol=0.03)
+    # The data's moments, with the last step's shrinkage of the std. 16,384 draws: the mean's
+    # standard error is 0.8% of that std, the std's 0.6%; 3% is 4 of them.
+    _assert_gaussian(x, MU, SD * shrink, 0.03)
