@@ -172,10 +172,10 @@ def dpm_solver_2m_step(
 def dpm_solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     """The kept indices of diffusers' "linspace" spacing: num_steps + 1 evenly spread indices of
     [0, T-1] without 0, increasing. The last step then goes from about T / num_steps straight
-    to the data (abar = 1), first order. space_timesteps would keep t = 0, and with the linear
-    schedule the second-order step into it spans several times the previous step in lambda
-    (lambda 0.97 -> 4.6 after 0.77 at 10 steps): 10-step samples of N(0.3, 0.5^2) came out
-    with std 0.69. Outside 1 <= num_steps < T this is space_timesteps (all T indices at
+    to the data (abar = 1), first order. With space_timesteps' t = 0 kept, the linear
+    schedule's second-order step into t = 0 spans several times the previous step in lambda
+    (0.97 -> 4.6 after 0.77 at 10 steps) and overshoots: 10-step samples of N(0.3, 0.5^2) get
+    std 0.69. Outside 1 <= num_steps < T this is space_timesteps (all T indices at
     num_steps = T, an error otherwise)."""
     if not 1 <= num_steps < num_timesteps:
         return schedules.space_timesteps(num_timesteps, num_steps)
