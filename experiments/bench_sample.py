@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import generate, models, parallel, training
+from diffusion_jax import generate, models, parallel, samplers, training
 
 
 class CompileCounter:
@@ -110,7 +110,12 @@ def torch_forward_fn(config, batch: int):
 def main() -> None:
     p = bc.argument_parser(__doc__, "comma-separated batch sizes", repeats=3)
     p.add_argument("--steps", type=int, default=4, help="chain steps of the shorter sampler run")
-    p.add_argument("--sampler", default=None, help="ddpm or ddim (default: the config's)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        choices=list(samplers.SAMPLERS),
+        help="a samplers.SAMPLERS name (default: the config's)",
+    )
     args = p.parse_args()
     bc.set_up_process(args)
     config = bc.load_config(args.config, args.set)

@@ -119,7 +119,7 @@ def test_sample_cli_writes_images_and_same_seed_gives_same_images(workdir, cli_s
     assert images.dtype == np.uint8 and images.shape == (72, 8, 8, 1)
     assert out.with_suffix(".png").is_file()
 
-    # Batch b draws fold_in(key, b): with the batch size fixed, fewer samples are a prefix.
+    # Sample i depends only on (seed, i): fewer samples are a prefix.
     again = sample.run(workdir, 12, tmp_path / "again.npz", seed=0)
     np.testing.assert_array_equal(load_images(again["output"]), images[:12])
     other = sample.run(workdir, 12, tmp_path / "other.npz", seed=1)
@@ -158,7 +158,9 @@ def test_sample_errors(workdir, tmp_path):
         "sample", f"--workdir={workdir}", "--num_samples=4", f"--output={out}", "--sampler=plms"
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --sampler='plms': expected one of ddpm, ddim"
+    assert (
+        proc.stderr.strip() == "error: --sampler='plms': expected one of ddpm, ddim, dpm_solver++2m"
+    )
     assert not out.exists()
 
 

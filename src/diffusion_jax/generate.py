@@ -1,12 +1,14 @@
 """Drawing samples from a trained model: a compiled sampler from a config, batched over devices.
 
 Used by the train loop (preview grids) and the sample CLI. The chain is compiled once per
-batch shape; step count and eta are traced, so changing them does not recompile.
+batch shape and sampler; step count, eta and the batch's first sample index are traced, so
+changing them does not recompile.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -17,20 +19,23 @@ from diffusion_jax.data import to_uint8
 def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
     """sample(params, key, num_samples, *, batch_size, sampler, steps, eta) -> uint8 (N,H,W,C).
 
-    Defaults come from config.sampling. Batch b draws its noise from fold_in(key, b), so the
-    same key and batch size give the same images.
+    Defaults come from config.sampling. Sample i's x_T and chain noise depend only on (key, i)
+    (samplers.per_sample_normal with the global index i), so sample i is the same whatever the
+    batch size or the device count. The chain is compiled once per (batch, sampler): the
+    first index of a batch is traced.
     """
     d, sc = config.diffusion, config.sampling
     size, channels = config.data.image_size, config.data.num_channels
     num_devices = mesh.devices.size
     progress_fn = samplers.tqdm_progress("denoising") if progress else None
 
-    def chain(params, padded, num_steps, key, eta, batch, method):
+    def chain(params, padded, num_steps, key, eta, first, batch, sampler):
         def denoise_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, train=False)
 
+        sample_index = first + jnp.arange(batch)
         init_key, chain_key = jax.random.split(key)
-        x_T = jax.random.normal(init_key, (batch, size, size, channels))
+        x_T = samplers.per_sample_normal(init_key, sample_index, (batch, size, size, channels))
         x_T = jax.lax.with_sharding_constraint(x_T, parallel.batch_sharding(mesh))
         return samplers.run_chain(
             denoise_fn,
@@ -38,28 +43,27 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
             num_steps,
             x_T,
             chain_key,
-            method=method,
+            sampler=sampler,
             eta=eta,
             parameterization=d.parameterization,
             var_type=d.var_type,
             clip_denoised=sc.clip_denoised,
             progress_fn=progress_fn,
+            sample_index=sample_index,
         )["sample"]
 
-    compiled = jax.jit(chain, static_argnums=(5, 6))
+    compiled = jax.jit(chain, static_argnums=(6, 7))
 
     def sample(params, key, num_samples, *, batch_size=None, sampler=None, steps=None, eta=None):
-        method = sampler or sc.sampler
+        sampler = sampler or sc.sampler
         steps = steps or sc.steps
         eta = sc.eta if eta is None else eta
         batch = min(batch_size or sc.batch_size, num_samples)
         batch = -(-batch // num_devices) * num_devices  # a multiple of the device count
-        padded = samplers.prepare_schedule(schedule, steps)
+        padded = samplers.prepare_schedule(schedule, steps, sampler)
         out = []
-        for b in range(-(-num_samples // batch)):
-            x = compiled(
-                params, padded, steps, jax.random.fold_in(key, b), float(eta), batch, method
-            )
+        for first in range(0, num_samples, batch):
+            x = compiled(params, padded, steps, key, float(eta), first, batch, sampler)
             if jax.process_count() > 1:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(to_uint8(np.asarray(x)))

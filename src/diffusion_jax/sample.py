@@ -1,13 +1,14 @@
 """Sample a trained workdir: `python -m diffusion_jax.sample --workdir=W --num_samples=N
---output=F.npz [--sampler=ddpm|ddim --steps=K --eta=E --seed=S --batch_size=B]`.
+--output=F.npz [--sampler=NAME --steps=K --eta=E --seed=S --batch_size=B]`.
 
-Uses the EMA parameters of the newest readable checkpoint; sampler, steps, eta and batch size
-default to the workdir's config.sampling. Writes F.npz (`images`: uint8 (N, H, W, C), and
-`provenance`: a JSON string saying how they were made, see `provenance`; no pickle) and a PNG
-grid of the first 100 images beside it (F.png), and prints one JSON line holding the same
-provenance. The images are a function of (checkpoint, sampler, steps, eta, seed, batch size):
-the same flags give the same images. Bad input, including an output path that cannot be
-written (checked before sampling), is reported as one `error:` line with exit code 2.
+Uses the EMA parameters of the newest readable checkpoint; NAME is a key of samplers.SAMPLERS;
+sampler, steps, eta and batch size default to the workdir's config.sampling. Writes F.npz
+(`images`: uint8 (N, H, W, C), and `provenance`: a JSON string saying how they were made, see
+`provenance`; no pickle) and a PNG grid of the first 100 images beside it (F.png), and prints
+one JSON line holding the same provenance. The images are a function of (checkpoint, sampler,
+steps, eta, seed): the batch size and the device count do not change them. Bad input, including
+an output path that cannot be written (checked before sampling), is reported as one `error:`
+line with exit code 2.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from absl import app, flags
 
 from diffusion_jax import __version__, cli, generate, grid, hostmem, parallel
 from diffusion_jax.metrics.cache import save_tree
-from diffusion_jax.validation import SAMPLERS
+from diffusion_jax.samplers import SAMPLERS
 from diffusion_jax.workdir import Workdir, load_config, load_workdir
 
 GRID_IMAGES = 100
@@ -118,14 +119,18 @@ def run(workdir, num_samples: int, output, *, seed: int = 0, **options) -> dict:
 
 def define_sampler_flags() -> None:
     """Flags shared with the evaluate CLI, which samples when it is given no samples file."""
-    flags.DEFINE_string("sampler", None, "ddpm or ddim (default: config.sampling.sampler).")
+    flags.DEFINE_string(
+        "sampler", None, f"One of {', '.join(SAMPLERS)} (default: config.sampling.sampler)."
+    )
     flags.DEFINE_integer(
         "steps", None, "Denoising steps, 1 to T, evenly spaced (default: config.sampling.steps)."
     )
     flags.DEFINE_float(
-        "eta", None, "DDIM noise in [0, 1], 0 = deterministic; unused by ddpm (default: config)."
+        "eta", None, "DDIM noise in [0, 1], 0 = deterministic; used by ddim only (default: config)."
     )
-    flags.DEFINE_integer("seed", 0, "Random seed: the same seed and batch size, the same images.")
+    flags.DEFINE_integer(
+        "seed", 0, "Random seed: sample i of a seed is the same at any batch size and device count."
+    )
 
 
 def define_flags() -> None:
@@ -135,8 +140,8 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "batch_size",
         None,
-        "Images per batch, rounded up to a multiple of the device count; the images depend on "
-        "it (default: config.sampling.batch_size).",
+        "Images per batch, rounded up to a multiple of the device count; the images do not "
+        "depend on it (default: config.sampling.batch_size).",
     )
     define_sampler_flags()
 

@@ -1,14 +1,22 @@
-"""Reverse chains: DDPM ancestral sampling, DDIM, DDIM inversion, latent interpolation.
+"""Reverse chains: DDPM ancestral sampling, DDIM, DPM-Solver++(2M), DDIM inversion, slerp.
 
 Every sampler takes `denoise_fn(x_t, t, **model_kwargs) -> model output` and a Schedule, never a
-model object. A chain runs as one `lax.fori_loop` over a schedule padded to a fixed length,
-with the number of steps a (possibly traced) loop bound: jitting `run_chain` once serves every
-step count and eta without recompiling. `ddpm_sample` / `ddim_sample` are the convenient
-front doors that respace on the host (float64, exact) and call it.
+model object. `SAMPLERS` is the one table of chain methods: each is a step function with one
+signature and an initial solver state (any pytree, carried through the loop), so a multistep
+solver is one function and one table entry. A chain runs as one `lax.fori_loop` over a
+schedule padded to a fixed length, with the number of steps a (possibly traced) loop bound:
+jitting `run_chain` once serves every step count and eta without recompiling. `sample`,
+`ddpm_sample` and `ddim_sample` are the front doors that respace on the host (float64, exact)
+and call it.
+
+Randomness is per sample: row i of x_T and of every step's noise is drawn from a key folded
+with the sample's index i alone, so sample i of a key is the same in any batch and on any
+number of devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -19,12 +27,16 @@ from diffusion_jax import diffusion, schedules
 from diffusion_jax.diffusion import extract, p_mean_variance
 from diffusion_jax.schedules import Schedule
 
-METHODS = ("ddpm", "ddim")
-
 
 def _nonzero(t, x):
     """1 where t > 0, 0 at t = 0 (the last step adds no noise), shaped to broadcast with x."""
     return (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def no_state(x_T):
+    """The solver state of a one-step method: nothing."""
+    del x_T
+    return ()
 
 
 def ddpm_step(
@@ -33,15 +45,18 @@ def ddpm_step(
     x_t,
     t,
     noise,
+    state=(),
     *,
+    eta=0.0,
     parameterization: str = "eps",
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
 ):
     """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Algorithm 2); no noise at t = 0.
 
-    Returns (x_{t-1}, pred_x0).
+    eta is unused (the variance is var_type's). Returns (x_{t-1}, pred_x0, state).
     """
+    del eta
     out = p_mean_variance(
         s,
         model_output,
@@ -52,7 +67,7 @@ def ddpm_step(
         clip_denoised=clip_denoised,
     )
     noise_scale = _nonzero(t, x_t) * jnp.exp(0.5 * out["log_variance"])
-    return out["mean"] + noise_scale * noise, out["pred_x0"]
+    return out["mean"] + noise_scale * noise, out["pred_x0"], state
 
 
 def ddim_step(
@@ -61,18 +76,19 @@ def ddim_step(
     x_t,
     t,
     noise,
+    state=(),
     *,
     eta=0.0,
     parameterization: str = "eps",
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
 ):
-    """One DDIM step from index t to index t-1 of `s` (Song et al. 2021, eq. 12).
+    """One DDIM step from index t to index t-1 of `s` (Song et al. 2021, eqs. 12 and 16).
 
     sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev);
     x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma_t^2) eps_pred + sigma_t z,
     with eps_pred recomputed from the (clipped) x0_pred and no noise at t = 0.
-    Returns (x_prev, pred_x0).
+    Returns (x_prev, pred_x0, state).
     """
     out = p_mean_variance(
         s,
@@ -88,19 +104,126 @@ def ddim_step(
     sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
     direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * out["pred_eps"]
     mean = jnp.sqrt(abar_prev) * out["pred_x0"] + direction
-    return mean + _nonzero(t, x_t) * sigma * noise, out["pred_x0"]
+    return mean + _nonzero(t, x_t) * sigma * noise, out["pred_x0"], state
 
 
-def prepare_schedule(s: Schedule, num_steps: int | None = None) -> Schedule:
-    """`s` respaced to `num_steps` evenly spread steps (None: all), padded to length T.
+def _log_snr_half(abar):
+    """lambda = log(alpha / sigma) = (log abar - log(1 - abar)) / 2; infinite at abar = 1."""
+    return 0.5 * (jnp.log(abar) - jnp.log1p(-abar))
+
+
+def dpm_solver_2m_state(x_T):
+    """DPM-Solver++(2M)'s state before the first step: the previous step's x_0 prediction and
+    its step size h in lambda (h = 0: there is no previous step)."""
+    return {
+        "pred_x0": jnp.zeros_like(x_T),
+        "h": jnp.zeros((x_T.shape[0],) + (1,) * (x_T.ndim - 1), x_T.dtype),
+    }
+
+
+def dpm_solver_2m_step(
+    s: Schedule,
+    model_output,
+    x_t,
+    t,
+    noise,
+    state,
+    *,
+    eta=0.0,
+    parameterization: str = "eps",
+    var_type: str = "fixed_large",
+    clip_denoised: bool = True,
+):
+    """One DPM-Solver++(2M) step from index t to index t-1 of `s` (Lu et al. 2022, Alg. 2).
+
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma), s the current
+    and u the next noise level, h = lambda_u - lambda_s and r = h_prev / h:
+    x_u = (sigma_u / sigma_s) x_s + alpha_u (1 - e^{-h}) D, D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev
+    (the midpoint form; alpha_u (1 - e^{-h}) = alpha_u - alpha_s sigma_u / sigma_s). The first
+    step, with no x0_prev, and the last, to sigma = 0 (abar_prev = 1 at t = 0, where h is
+    infinite), are first order: D = x0_s. This is diffusers' DPMSolverMultistepScheduler with
+    solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero".
+    Deterministic: noise and eta are unused. Returns (x_prev, pred_x0, state).
+    """
+    del noise, eta
+    out = p_mean_variance(
+        s,
+        model_output,
+        x_t,
+        t,
+        parameterization=parameterization,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+    )
+    pred_x0 = out["pred_x0"]
+    abar_s = extract(s.alphas_cumprod, t, x_t.shape)
+    abar_u = extract(s.alphas_cumprod_prev, t, x_t.shape)
+    alpha_s, sigma_s = jnp.sqrt(abar_s), jnp.sqrt(1.0 - abar_s)
+    alpha_u, sigma_u = jnp.sqrt(abar_u), jnp.sqrt(1.0 - abar_u)
+    h = _log_snr_half(abar_u) - _log_snr_half(abar_s)
+    second_order = (state["h"] > 0) & (_nonzero(t, x_t) > 0)
+    half_over_r = jnp.where(second_order, 0.5 * h / jnp.where(second_order, state["h"], 1.0), 0.0)
+    d = (1.0 + half_over_r) * pred_x0 - half_over_r * state["pred_x0"]
+    ratio = sigma_u / sigma_s
+    x_prev = ratio * x_t + (alpha_u - alpha_s * ratio) * d
+    return x_prev, pred_x0, {"pred_x0": pred_x0, "h": h}
+
+
+def dpm_solver_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """The kept indices of diffusers' "linspace" spacing: num_steps + 1 evenly spread indices of
+    [0, T-1] without 0, increasing. The last step then goes from about T / num_steps straight
+    to the data (abar = 1), first order. With space_timesteps' t = 0 kept, the linear
+    schedule's second-order step into t = 0 spans several times the previous step in lambda
+    (0.97 -> 4.6 after 0.77 at 10 steps) and overshoots: 10-step samples of N(0.3, 0.5^2) get
+    std 0.69. Outside 1 <= num_steps < T this is space_timesteps (all T indices at
+    num_steps = T, an error otherwise)."""
+    if not 1 <= num_steps < num_timesteps:
+        return schedules.space_timesteps(num_timesteps, num_steps)
+    return schedules.space_timesteps(num_timesteps, num_steps + 1)[1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMethod:
+    """A chain method: its step, the solver state it starts from, and its timesteps.
+
+    step(s, model_output, x_t, t, noise, state, *, eta, parameterization, var_type,
+    clip_denoised) -> (x_prev, pred_x0, state) moves x_t at index t of `s` to index t-1;
+    init_state(x_T) -> state is any pytree; uses_noise False means the step ignores its noise
+    and the chain draws none (it passes None); timesteps(T, num_steps) -> the kept indices,
+    increasing, for a chain of num_steps steps.
+    """
+
+    step: Callable
+    init_state: Callable
+    uses_noise: bool
+    timesteps: Callable = schedules.space_timesteps
+
+
+# The one table of sampler names: validation, the sample CLI and the docs read it.
+SAMPLERS = {
+    "ddpm": StepMethod(ddpm_step, no_state, uses_noise=True),
+    "ddim": StepMethod(ddim_step, no_state, uses_noise=True),
+    "dpm_solver++2m": StepMethod(
+        dpm_solver_2m_step, dpm_solver_2m_state, uses_noise=False, timesteps=dpm_solver_timesteps
+    ),
+}
+
+
+def prepare_schedule(s: Schedule, num_steps: int | None = None, sampler: str = "ddpm") -> Schedule:
+    """`s` respaced to the `num_steps` steps of `sampler`'s timesteps (None: all), padded to
+    length T.
 
     Padding repeats the last entry; a chain over the first `num_steps` indices never reads it.
     The fixed length lets one compiled chain serve every step count.
     """
+    diffusion.check_choice("sampler", sampler, SAMPLERS)
     num_timesteps = s.num_timesteps
-    if num_steps is None or num_steps == num_timesteps:
+    if num_steps is None:
         return s
-    sub = schedules.respace(s, schedules.space_timesteps(num_timesteps, num_steps))
+    kept = SAMPLERS[sampler].timesteps(num_timesteps, num_steps)
+    if num_steps == num_timesteps:
+        return s
+    sub = schedules.respace(s, kept)
     pad = num_timesteps - num_steps
 
     def padded(a):  # on the host: no op is compiled for a new step count
@@ -108,6 +231,13 @@ def prepare_schedule(s: Schedule, num_steps: int | None = None) -> Schedule:
         return jax.device_put(np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]))
 
     return jax.tree.map(padded, sub)
+
+
+def per_sample_normal(key, sample_index, shape, dtype=jnp.float32):
+    """Standard normal noise of `shape` whose row i is drawn from fold_in(key, sample_index[i])
+    alone: the same row for the same sample whatever the batch it is drawn in."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sample_index)
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(shape[1:]), dtype))(keys)
 
 
 # How many times a chain reports its progress (run_chain's progress_fn), at most about.
@@ -121,7 +251,7 @@ def run_chain(
     x_T,
     key,
     *,
-    method: str = "ddpm",
+    sampler: str = "ddpm",
     eta=0.0,
     parameterization: str = "eps",
     var_type: str = "fixed_large",
@@ -129,36 +259,43 @@ def run_chain(
     intermediates_every: int = 0,
     progress_fn: Callable | None = None,
     model_kwargs: dict | None = None,
+    sample_index=None,
 ):
     """Run a reverse chain from x_T over indices num_steps-1, ..., 0 of (padded) schedule s.
 
-    Jittable; `num_steps`, `eta` and `x_T` may be traced. Returns a dict with "sample" and, when
-    intermediates_every = k > 0, "x_t" and "pred_x0" of shape (ceil(T/k), *x_T.shape): the state
-    after chain steps k-1, 2k-1, ... (entries past the last step stay zero).
+    `sampler` names a SAMPLERS entry. The noise of chain index n for row i is drawn from
+    fold_in(fold_in(key, n), sample_index[i]) (sample_index defaults to arange(B)).
+    Jittable; `num_steps`, `eta`, `x_T` and `sample_index` may be traced. Returns a dict with
+    "sample" and, when intermediates_every = k > 0, "x_t" and "pred_x0" of shape
+    (ceil(T/k), *x_T.shape): the state after chain steps k-1, 2k-1, ... (entries past the last
+    step stay zero).
     `progress_fn(step, total)` is called on the host (jax.debug.callback) after every
     max(1, total // PROGRESS_UPDATES)-th step and after the last: a callback after every step
     made a 200-step digits chain at batch 250 1.09x slower on CPU, even one that did nothing.
     """
-    diffusion.check_choice("method", method, METHODS)
+    diffusion.check_choice("sampler", sampler, SAMPLERS)
     diffusion.check_options(parameterization=parameterization, var_type=var_type)
+    method = SAMPLERS[sampler]
     batch = x_T.shape[0]
+    if sample_index is None:
+        sample_index = jnp.arange(batch)
     options = dict(
-        parameterization=parameterization, var_type=var_type, clip_denoised=clip_denoised
+        eta=eta, parameterization=parameterization, var_type=var_type, clip_denoised=clip_denoised
     )
-    if method == "ddim":
-        options["eta"] = eta
-    step_fn = ddim_step if method == "ddim" else ddpm_step
     k = intermediates_every
     num_frames = -(-s.num_timesteps // k) if k else 0
     frames = jnp.zeros((2, num_frames) + x_T.shape, x_T.dtype)
 
     def body(i, carry):
-        x, frames = carry
+        x, state, frames = carry
         index = num_steps - 1 - i
         t = jnp.full((batch,), index, dtype=jnp.int32)
         model_output = denoise_fn(x, jnp.take(s.timesteps, t), **(model_kwargs or {}))
-        noise = jax.random.normal(jax.random.fold_in(key, index), x.shape, x.dtype)
-        x, pred_x0 = step_fn(s, model_output, x, t, noise, **options)
+        noise = None
+        if method.uses_noise:
+            step_key = jax.random.fold_in(key, index)
+            noise = per_sample_normal(step_key, sample_index, x.shape, x.dtype)
+        x, pred_x0, state = method.step(s, model_output, x, t, noise, state, **options)
         if k:
             frames = jax.lax.cond(
                 (i + 1) % k == 0,
@@ -174,9 +311,10 @@ def run_chain(
                 lambda: jax.debug.callback(progress_fn, done, num_steps),
                 lambda: None,
             )
-        return x, frames
+        return x, state, frames
 
-    x, frames = jax.lax.fori_loop(0, num_steps, body, (x_T, frames))
+    init = (x_T, method.init_state(x_T), frames)
+    x, _, frames = jax.lax.fori_loop(0, num_steps, body, init)
     result = {"sample": x}
     if k:
         result["x_t"], result["pred_x0"] = frames[0], frames[1]
@@ -190,19 +328,34 @@ def _check_shape(shape) -> tuple:
     return shape
 
 
-def _sample(denoise_fn, s, shape, key, num_steps, intermediates_every, **kwargs):
+def sample(
+    denoise_fn: Callable,
+    s: Schedule,
+    shape,
+    key,
+    *,
+    sampler: str,
+    num_steps: int | None = None,
+    intermediates_every: int = 0,
+    **kwargs,
+):
+    """Samples of `shape` from N(0, I) by the SAMPLERS method `sampler` over `num_steps` of its
+    timesteps (None: all T). Sample i's x_T is drawn from fold_in(k0, i) and its chain noise
+    from k1 (see run_chain), with k0, k1 = split(key). kwargs go to run_chain. Returns the
+    samples, or with intermediates_every > 0 a dict {"sample", "x_t", "pred_x0"}."""
     shape = _check_shape(shape)
     if num_steps is None:
         num_steps = s.num_timesteps
-    padded = prepare_schedule(s, num_steps)  # checks num_steps in [1, T]
+    padded = prepare_schedule(s, num_steps, sampler)  # checks num_steps in [1, T]
     init_key, chain_key = jax.random.split(key)
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
+    x_T = per_sample_normal(init_key, jnp.arange(shape[0]), shape)
     out = run_chain(
         denoise_fn,
         padded,
         num_steps,
         x_T,
         chain_key,
+        sampler=sampler,
         intermediates_every=intermediates_every,
         **kwargs,
     )
@@ -230,14 +383,14 @@ def ddpm_sample(
     """Ancestral sampling (DDPM Algorithm 2) from N(0, I), over all T steps or `num_steps`
     evenly respaced ones (improved DDPM). Returns samples of `shape`, or with
     intermediates_every > 0 a dict {"sample", "x_t", "pred_x0"}."""
-    return _sample(
+    return sample(
         denoise_fn,
         s,
         shape,
         key,
-        num_steps,
-        intermediates_every,
-        method="ddpm",
+        sampler="ddpm",
+        num_steps=num_steps,
+        intermediates_every=intermediates_every,
         parameterization=parameterization,
         var_type=var_type,
         clip_denoised=clip_denoised,
@@ -265,14 +418,14 @@ def ddim_sample(
     matches DDPM ancestral sampling with the posterior variance."""
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    return _sample(
+    return sample(
         denoise_fn,
         s,
         shape,
         key,
-        num_steps,
-        intermediates_every,
-        method="ddim",
+        sampler="ddim",
+        num_steps=num_steps,
+        intermediates_every=intermediates_every,
         eta=eta,
         parameterization=parameterization,
         var_type=var_type,
@@ -359,14 +512,21 @@ def tqdm_progress(desc: str = "sampling") -> Callable:
 
 
 __all__ = [
-    "METHODS",
+    "SAMPLERS",
+    "StepMethod",
     "ddim_invert",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
+    "dpm_solver_2m_state",
+    "dpm_solver_2m_step",
+    "dpm_solver_timesteps",
+    "no_state",
+    "per_sample_normal",
     "prepare_schedule",
     "run_chain",
+    "sample",
     "slerp",
     "tqdm_progress",
 ]

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import diffusion, samplers, schedules
 
-SAMPLERS = ("ddpm", "ddim")
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
@@ -102,7 +101,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _int(config, "training.num_preview_samples", 1)
     _choice(config, "training.nan_policy", NAN_POLICIES)
     # Sampling.
-    _choice(config, "sampling.sampler", SAMPLERS)
+    _choice(config, "sampling.sampler", samplers.SAMPLERS)
     _int(config, "sampling.steps", 1)
     if config.sampling.steps > config.diffusion.num_timesteps:
         _fail(
