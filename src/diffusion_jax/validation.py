@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import diffusion, schedules, training
 
 SAMPLERS = ("ddpm", "ddim")
-OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -85,10 +83,10 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         raise ConfigError(f"config.diffusion.loss_type: {e}") from None
     _float(config, "diffusion.hybrid_lambda", 0.0, float("inf"))
     # Optimisation.
-    _choice(config, "optim.optimizer", OPTIMIZERS)
+    _choice(config, "optim.optimizer", tuple(training.OPTIMIZERS))
     _float(config, "optim.lr", 0.0, 1.0, lo_open=True)
     _int(config, "optim.warmup_steps", 0)
-    _choice(config, "optim.lr_schedule", LR_SCHEDULES)
+    _choice(config, "optim.lr_schedule", tuple(training.LR_SCHEDULES))
     _float(config, "optim.grad_clip", 0.0, float("inf"))
     _float(config, "optim.ema_decay", 0.0, 1.0, hi_open=True)
     _float(config, "optim.beta1", 0.0, 1.0, hi_open=True)
