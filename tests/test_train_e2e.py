@@ -140,6 +140,8 @@ BAD_CONFIGS = [
     ({"distributed.num_processes": 0}, ["num_processes", "=0 ", ">= 1"]),
     ({"distributed.process_id": 1}, ["process_id", "=1 ", "[0, 0]"]),
     ({"distributed.heartbeat_timeout": 0}, ["heartbeat_timeout", "=0 ", ">= 1"]),
+    ({"model.num_classes": 10}, ["model.num_classes", "=10 ", "class labels", "does not feed"]),
+    ({"model.cond_channels": 3}, ["model.cond_channels", "=3 ", "conditioning images"]),
 ]
 
 

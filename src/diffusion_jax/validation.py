@@ -112,12 +112,12 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _int(config, "sampling.batch_size", 1)
     # Model: the model's own checks, with the resolved channels and size.
     from diffusion_jax import models
-    from diffusion_jax.training import model_config
 
     try:
-        models.create_model(model_config(config))
+        models.create_model(training.model_config(config))
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
+    _check_unconditional(config.model)
     # Multi-process settings: checked before joining, so a typo cannot leave peers waiting.
     _str(config, "distributed.coordinator_address")
     _int(config, "distributed.num_processes", 1)
@@ -168,3 +168,21 @@ def _check_schedule(d) -> None:
             "reaches 1, where eps-prediction cannot recover x0 and samples are NaN); use a larger "
             "T, another schedule, or parameterization 'v' or 'x0'",
         )
+
+
+# What conditioning needs that the train step does not feed yet: its batches hold images only.
+_CONDITIONING = {
+    "num_classes": "class conditioning needs class labels",
+    "cond_channels": "image conditioning needs conditioning images",
+}
+
+
+def _check_unconditional(model) -> None:
+    for field, needs in _CONDITIONING.items():
+        value = model.get(field, 0)
+        if value:
+            _fail(
+                f"model.{field}",
+                value,
+                f"0: {needs}, which the train step does not feed to the model yet",
+            )
