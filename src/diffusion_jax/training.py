@@ -95,7 +95,9 @@ def adamw(lr: optax.Schedule, optim) -> optax.GradientTransformation:
     return optax.adamw(lr, weight_decay=optim.get("weight_decay", 0.0), **_adam_kwargs(optim))
 
 
-# Optimizers: name -> (lr schedule, optim config) -> optax transformation.
+# Optimizers: name -> (lr schedule, optim config) -> optax transformation. Each passes the
+# schedule to optax as its learning rate, so its state holds the one ScaleByScheduleState whose
+# count applied_updates reads.
 OPTIMIZERS = {"adam": adam, "adamw": adamw}
 
 
