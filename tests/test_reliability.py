@@ -34,6 +34,7 @@ from train_harness import (
 )
 
 from diffusion_jax import checkpointing, parallel, train, training
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.data import FolderSource
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -242,6 +243,62 @@ def test_run_resumes_from_the_previous_checkpoint_when_the_newest_is_corrupt(
     moved = [p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir()]
     assert moved == ["12"]
     assert_same_end(workdir, reference)
+
+
+def test_all_checkpoints_unreadable_is_refused_not_restarted_from_step_0(tmp_path, reference):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    for step in (8, 12):
+        _flip_bytes(_data_files(workdir / "checkpoints" / str(step))[0])
+    for _ in range(2):  # the same command again still refuses: the bad checkpoints are aside
+        with pytest.raises(train.UserError, match=r"no checkpoint in .* could be read"):
+            train.train(tiny_config(), workdir)
+    moved = sorted(p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir())
+    assert moved == ["12", "8"]
+    assert losses(workdir) == losses(reference)  # metrics.jsonl not rewound to step 0
+
+
+# --- A config whose state does not fit the checkpoints ------------------------------------------
+
+
+def _snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_switching_grad_clip_off_is_refused_and_the_checkpoints_stay(tmp_path, reference):
+    """grad_clip 1 -> 0 removes optax's clipping state: the CLI names it and exits 2."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)  # trained with grad_clip=1.0
+    before = _snapshot(workdir)
+    result = run_cli(workdir, {"optim.grad_clip": 0.0}, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    assert "checkpoints/12 holds another state" in errors[0]
+    assert "only in the checkpoint: opt_state.1.0.count" in errors[0]
+    assert "config.json differs in optim.grad_clip: 1.0 -> 0.0" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert _snapshot(workdir) == before  # checkpoints, config.json and metrics untouched
+    assert not (workdir / "checkpoints_unreadable").exists()
+
+
+def test_a_model_change_shape_fields_miss_is_refused_and_the_checkpoints_stay(
+    tmp_path, reference, monkeypatch
+):
+    """The checkpoint's own tree is compared, so a field SHAPE_FIELDS does not list (emptied
+    here) cannot restart the run either."""
+    monkeypatch.setattr(workdir_lib, "SHAPE_FIELDS", ())
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(train.UserError) as info:
+        train.train(tiny_config({"model.num_res_blocks": 2}), workdir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "only in this config's state: ema_params.down_blocks_0.resnets_1" in message
+    assert "config.json differs in model.num_res_blocks: 1 -> 2" in message
+    assert _snapshot(workdir) == before
+    assert not (workdir / "checkpoints_unreadable").exists()
 
 
 # --- NaN / inf ------------------------------------------------------------------------------

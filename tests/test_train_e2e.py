@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 from train_harness import (
     assert_states_equal,
     checkpoint_steps,
+    cli_command,
     cli_env,
     load_state,
     losses,
@@ -25,7 +27,7 @@ from train_harness import (
     tiny_config,
 )
 
-from diffusion_jax import train
+from diffusion_jax import cli, train
 from diffusion_jax.validation import ConfigError
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_sec", "examples_per_sec"}
@@ -140,6 +142,8 @@ BAD_CONFIGS = [
     ({"distributed.num_processes": 0}, ["num_processes", "=0 ", ">= 1"]),
     ({"distributed.process_id": 1}, ["process_id", "=1 ", "[0, 0]"]),
     ({"distributed.heartbeat_timeout": 0}, ["heartbeat_timeout", "=0 ", ">= 1"]),
+    ({"model.num_classes": 10}, ["model.num_classes", "=10 ", "class labels", "does not feed"]),
+    ({"model.cond_channels": 3}, ["model.cond_channels", "=3 ", "conditioning images"]),
 ]
 
 
@@ -159,6 +163,30 @@ def test_bad_config_is_one_clear_error_before_any_compile(tmp_path, overrides, e
         assert part in message, f"{part!r} not in {message!r}"
     assert not compiles, f"compiled before rejecting the config: {compiles}"
     assert not (tmp_path / "run").exists(), "a rejected run left a workdir behind"
+
+
+def test_cli_without_workdir_trains_in_runs_named_after_the_config(tmp_path):
+    command = [
+        a for a in cli_command("unused", {"training.num_train_steps": 1}) if "--workdir" not in a
+    ]
+    result = subprocess.run(
+        command, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"workdir: runs/ddpm_digits$", result.stderr, re.MULTILINE), result.stderr
+    assert checkpoint_steps(tmp_path / "runs" / "ddpm_digits") == [1]
+
+
+@pytest.mark.parametrize(
+    "config_filename, workdir",
+    [
+        ("configs/ddpm_cifar.py", "runs/ddpm_cifar"),
+        ("/abs/path/x.py:small", "runs/x_small"),
+        ("configs/x.py:a,b/c", "runs/x_a_b_c"),
+    ],
+)
+def test_default_workdir_is_runs_and_the_config_file_stem(config_filename, workdir):
+    assert cli.default_workdir(config_filename) == Path(workdir)
 
 
 def test_workdir_trained_with_other_shapes_is_refused(tmp_path):

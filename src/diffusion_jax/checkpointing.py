@@ -10,6 +10,12 @@ removed when the checkpoints are next opened). The record holds the SHA-256 of t
 bytes, checked on restore: orbax itself does not notice flipped bits in array data. A
 checkpoint that cannot be read or fails the check is moved aside into
 `<checkpoints>_unreadable/` (never deleted) and the next older one is used.
+
+Before reading any array, a restore compares the checkpoint's saved tree (orbax's metadata: each
+leaf's path, shape and dtype) with the state the caller expects. A difference means another
+config made the checkpoint (another model, or grad_clip switched on or off, which adds or
+removes optax's clipping state), not corruption: restore raises IncompatibleCheckpoint and
+leaves the checkpoint where it is.
 """
 
 from __future__ import annotations
@@ -23,11 +29,65 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
     """No readable checkpoint where one was expected, or one that fails its checksum."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint whose state tree differs from the expected one (paths, shapes, dtypes)."""
+
+    def __init__(self, message: str, differences: list[str]):
+        super().__init__(message)
+        self.differences = differences
+
+
+LISTED = 3  # differing leaves named per kind in an IncompatibleCheckpoint message
+
+
+def _leaf_name(path) -> str:
+    """A leaf's path as orbax names it in the tree metadata: keys joined by dots."""
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
+
+
+def _spec(shape, dtype) -> str:
+    return f"{np.dtype(dtype).name}{list(shape)}"
+
+
+def tree_specs(tree) -> dict[str, str]:
+    """{leaf name: "dtype[shape]"} of a pytree of arrays or ShapeDtypeStructs."""
+    return {
+        _leaf_name(path): _spec(leaf.shape, leaf.dtype)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def tree_differences(saved: dict[str, str], wanted: dict[str, str]) -> list[str]:
+    """What differs between two tree_specs, a few leaves of each kind named."""
+
+    def listed(kind: str, items: list[str]) -> list[str]:
+        more = f" and {len(items) - LISTED} more" if len(items) > LISTED else ""
+        return [f"{kind}: {', '.join(items[:LISTED])}{more}"] if items else []
+
+    changed = [
+        f"{k} {saved[k]} -> {wanted[k]}"
+        for k in sorted(saved)
+        if saved[k] != wanted.get(k, saved[k])
+    ]
+    return (
+        listed("only in the checkpoint", sorted(saved.keys() - wanted.keys()))
+        + listed("only in this config's state", sorted(wanted.keys() - saved.keys()))
+        + listed("changed", changed)
+    )
 
 
 def state_digest(state) -> str:
@@ -91,8 +151,16 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """(state, record) of checkpoint `step`; abstract_state gives structure and sharding.
 
-        Raises CheckpointError if the state does not match the checksum saved with it.
+        Raises IncompatibleCheckpoint, before reading any array, if the saved tree differs from
+        abstract_state's; CheckpointError if the state does not match the checksum saved with it.
         """
+        differences = tree_differences(self.saved_specs(step), tree_specs(abstract_state))
+        if differences:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {self.directory / str(step)} holds another state than this config "
+                f"makes ({'; '.join(differences)})",
+                differences,
+            )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         out = self._manager.restore(
             int(step),
@@ -108,6 +176,15 @@ class Checkpointer:
                 "SHA-256 saved with them (corrupted on disk)"
             )
         return out.state, record
+
+    def saved_specs(self, step: int) -> dict[str, str]:
+        """tree_specs of the state saved in checkpoint `step`, from its metadata alone."""
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            metadata = handler.metadata(epath.Path(self.directory / str(step) / "state"))
+        finally:
+            handler.close()
+        return {leaf.name: _spec(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(metadata.tree)}
 
     def restore_fields(self, step: int, abstract_fields: dict):
         """(fields, record) of checkpoint `step`, reading only the TrainState fields named in
@@ -130,18 +207,25 @@ class Checkpointer:
     def restore_latest(self, abstract_state):
         """Restore the newest readable checkpoint: (state, record), or (None, None) if none.
 
-        Unreadable checkpoints are moved aside with a warning, never deleted.
+        Unreadable checkpoints are moved aside with a warning, never deleted; an
+        IncompatibleCheckpoint is raised as it is, the checkpoint left in place.
         """
         for step in reversed(self.steps()):
             try:
                 return self.restore(step, abstract_state)
+            except IncompatibleCheckpoint:
+                raise
             except Exception as e:  # noqa: BLE001 - any read failure means "unreadable"
                 self._quarantine(step, e)
         return None, None
 
+    @property
+    def unreadable_directory(self) -> Path:
+        return self.directory.with_name(self.directory.name + "_unreadable")
+
     def _quarantine(self, step: int, error: Exception) -> None:
         src = self.directory / str(step)
-        dest_dir = self.directory.with_name(self.directory.name + "_unreadable")
+        dest_dir = self.unreadable_directory
         dest = dest_dir / f"{step}-{int(time.time())}"
         logging.warning(
             "checkpoint %s cannot be read (%s: %s); moved to %s, trying an older one",

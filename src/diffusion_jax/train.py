@@ -1,36 +1,32 @@
-"""Train a diffusion model: `python -m diffusion_jax.train --config=configs/X.py --workdir=W`.
+"""Train a diffusion model: `python -m diffusion_jax.train --config=configs/X.py [--workdir=W]`.
 
-Any config field can be overridden (`--config.training.batch_size=64`). Running the same
-command on the same workdir resumes from its newest readable checkpoint, exactly: the batch
-and the randomness of step s depend only on (seed, s). SIGTERM / SIGINT save a checkpoint and
-exit 0. The workdir gets config.json, checkpoints/, metrics.jsonl, tensorboard/ and
-samples/step_NNNNNN.png.
+Any config field can be overridden (`--config.training.batch_size=64`). The workdir defaults to
+runs/<config file stem> (runs/X; runs/X_p for a parameterised `--config=configs/X.py:p`).
+Running the same command on the same workdir resumes from its newest readable checkpoint,
+exactly: the batch and the randomness of step s depend only on (seed, s). SIGTERM / SIGINT save
+a checkpoint and exit 0. The workdir gets config.json, checkpoints/, metrics.jsonl, tensorboard/
+and samples/step_NNNNNN.png.
 
-A bad config or flag exits 2 with one line on stderr, `error: ...`, before anything compiles.
-After a crash, the same command resumes from the newest checkpoint that reads back intact, and
-metrics.jsonl and the TensorBoard events are rewound to that step, so every logged step appears
-once.
+A bad config or flag exits 2 with one line on stderr, `error: ...`, before anything compiles; so
+does a config whose state does not fit the workdir's checkpoints (another model, or grad_clip
+switched on or off). After a crash, the same command resumes from the newest checkpoint that
+reads back intact, and metrics.jsonl and the TensorBoard events are rewound to that step, so
+every logged step appears once. A workdir whose checkpoints are all unreadable is refused, never
+restarted from step 0.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from absl import app, flags, logging
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from diffusion_jax import (
     checkpointing,
+    cli,
     data,
     generate,
     grid,
@@ -39,144 +35,9 @@ from diffusion_jax import (
     parallel,
     training,
 )
-from diffusion_jax.cli import USER_ERRORS, UserError, quiet_libraries, use_compilation_cache
+from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.cli import UserError
 from diffusion_jax.validation import check_devices, validate_config
-
-# Fields that fix the shapes of the parameters: a workdir trained with other values cannot be
-# resumed with this config.
-SHAPE_FIELDS = (
-    "model.name",
-    "model.ch",
-    "model.ch_mult",
-    "model.num_res_blocks",
-    "model.attn_resolutions",
-    "model.num_heads",
-    "model.num_classes",
-    "model.resamp_with_conv",
-    "data.image_size",
-    "data.num_channels",
-    "diffusion.var_type",
-    "optim.optimizer",
-)
-
-
-def _field(cfg: dict, field: str):
-    node = cfg
-    for part in field.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return list(node) if isinstance(node, tuple) else node
-
-
-def check_workdir_config(workdir: Path, config) -> None:
-    """Refuse to resume a workdir whose saved config has other parameter shapes."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    new = json.loads(config.to_json())
-    for field in SHAPE_FIELDS:
-        old_value, new_value = _field(saved, field), _field(new, field)
-        if old_value != new_value:
-            raise UserError(
-                f"workdir {workdir} was trained with config.{field}={old_value!r} but this config "
-                f"has {new_value!r}: use a new --workdir, or pass --config.{field}={old_value!r}"
-            )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers (and a crash) see the old file or the new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class MetricsWriter:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only.
-
-    Opened at `start_step` (the step the run resumes from), it first drops what a crashed run
-    logged after that step, and any line cut short by the crash: those steps are logged again.
-    Non-finite values are written as null (metrics.jsonl stays strict JSON).
-    """
-
-    def __init__(self, workdir: Path, start_step: int):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            from tensorboardX import SummaryWriter
-
-            path = workdir / "metrics.jsonl"
-            if path.exists():
-                _write_atomically(path, "".join(_lines_until(path, start_step)))
-            self._jsonl = open(path, "a")
-            # purge_step: TensorBoard hides the events a crashed run wrote after start_step.
-            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
-
-    def write(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        record = {
-            k: v if not isinstance(v, float) or math.isfinite(v) else None
-            for k, v in metrics.items()
-        }
-        self._jsonl.write(json.dumps({"step": step, **record}, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        for name, value in metrics.items():
-            self._tb.add_scalar(name, value, step)
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
-
-
-def _lines_until(path: Path, step: int) -> list[str]:
-    """The complete lines of a metrics.jsonl that log steps <= step."""
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if line.endswith("\n") and json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    return kept
-
-
-class StopRequest:
-    """Set by SIGTERM / SIGINT; the loop saves and exits at the next step boundary.
-
-    A context manager: the handlers are installed on entry (from the main thread) and the
-    previous ones restored on exit, so train() can be called in-process.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal = signal.Signals(signum).name
-        logging.warning("%s received: saving a checkpoint and stopping", self.signal)
-
-    def requested(self, step: int, every: int) -> bool:
-        """True when any process was asked to stop (processes agree every `every` steps)."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        if step % every:
-            return False
-        flags_ = multihost_utils.process_allgather(np.array(self.signal is not None))
-        return bool(np.any(flags_))
 
 
 def _format_duration(seconds: float) -> str:
@@ -191,17 +52,39 @@ def train(config, workdir) -> dict:
 
     Raises ConfigError / UserError for bad input, before anything compiles.
     """
-    quiet_libraries()
+    cli.quiet_libraries()
     validate_config(config)  # numpy only: before JAX starts and before joining peers
     workdir = Path(workdir)
-    check_workdir_config(workdir, config)  # every process reads before process 0 writes
-    with StopRequest() as stop:
+    saved_config = workdir_lib.saved_config(workdir)  # every process reads before 0 writes
+    workdir_lib.check_workdir_config(workdir, saved_config, config)
+    with cli.StopRequest() as stop:
         parallel.initialize_distributed(config.distributed)
         check_devices(config, num_devices=jax.device_count(), process_count=jax.process_count())
-        return _train(config, workdir, stop)
+        return _train(config, workdir, saved_config, stop)
 
 
-def _train(config, workdir: Path, stop: StopRequest) -> dict:
+def _restore(ckpt: checkpointing.Checkpointer, abstract, saved_config: dict | None, config):
+    """The state of the newest readable checkpoint; None in a workdir that never had one."""
+    try:
+        state, _ = ckpt.restore_latest(abstract)
+    except checkpointing.IncompatibleCheckpoint as e:
+        ckpt.close()
+        changed = workdir_lib.config_differences(saved_config, config) if saved_config else []
+        fields = f"; config.json differs in {', '.join(changed)}" if changed else ""
+        raise UserError(
+            f"{e}{fields}: resume with the config it was trained with, or use a new --workdir"
+        ) from None
+    if state is None and ckpt.unreadable_directory.exists():
+        ckpt.close()
+        raise UserError(
+            f"no checkpoint in {ckpt.directory} could be read (moved to "
+            f"{ckpt.unreadable_directory}, see the warnings): to train from step 0, use a new "
+            "--workdir"
+        )
+    return state
+
+
+def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopRequest) -> dict:
     tc = config.training
     try:
         source = data.create_source(config.data, split="train")
@@ -212,10 +95,6 @@ def _train(config, workdir: Path, stop: StopRequest) -> dict:
             f"config.training.batch_size={tc.batch_size} is larger than the {len(source)} "
             f"training examples of {config.data.dataset!r}"
         )
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(workdir / "config.json", config.to_json(indent=2))
-
     mesh = parallel.make_mesh()
     model = models.create_model(training.model_config(config))
     schedule = training.make_schedule(config)
@@ -224,15 +103,17 @@ def _train(config, workdir: Path, stop: StopRequest) -> dict:
     repl = parallel.replicated(mesh)
     init = jax.jit(lambda k: training.init_state(model, optimizer, config, k), out_shardings=repl)
 
-    ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
+    ckpt = checkpointing.Checkpointer(
+        workdir / workdir_lib.CHECKPOINT_DIR, keep=tc.keep_checkpoints
+    )
     abstract = jax.eval_shape(init, init_key)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), abstract
     )
-    state, record = ckpt.restore_latest(abstract)
+    state = _restore(ckpt, abstract, saved_config, config)
+    if jax.process_index() == 0:
+        workdir_lib.write_config(workdir, config)
     if state is None:
-        if ckpt.steps():
-            raise UserError(f"no checkpoint in {ckpt.directory} could be read (see warnings)")
         state = init(init_key)
         logging.info(
             "new run: %s parameters",
@@ -258,7 +139,7 @@ def _train(config, workdir: Path, stop: StopRequest) -> dict:
         process_count=jax.process_count(),
         random_flip=config.data.random_flip,
     )
-    writer = MetricsWriter(workdir, start_step)
+    writer = workdir_lib.MetricsWriter(workdir, start_step)
     last_saved = start_step  # restored from there, or a fresh start: nothing new to save
     last_metrics: dict = {}
 
@@ -334,73 +215,22 @@ def _train(config, workdir: Path, stop: StopRequest) -> dict:
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _exit_with_error(message: str):
-    print("error: " + " ".join(message.split()), file=sys.stderr)
-    sys.exit(2)
-
-
-def _one_line(error: BaseException) -> str:
-    """The message of an error, on one line (ml_collections nests a KeyError's in others')."""
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
-    return " ".join(text.split())
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with any error (unknown flag or config field, bad value) reported
-    as one `error:` line naming the flag, and exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _exit_with_error(_one_line(e))
-    except OSError as e:  # the config file did not load
-        _exit_with_error(f"--config: {_one_line(e)}")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections applying a --config.a.b=v override: a misspelt field, a wrong type.
-        message = _one_line(e)
-        field = message.split()[0].strip("'\"") if message else ""
-        culprit = next(
-            (a for a in argv[1:] if a.startswith("--config.") and f".{field}" in a.split("=")[0]),
-            "a --config override",
-        )
-        what = "no such config field" if isinstance(e, AttributeError | KeyError) else "bad value"
-        _exit_with_error(f"{culprit}: {what} ({message})")
+flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and samples (default: runs/<config>)."
+)
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     del argv
     hostmem.keep_freed_memory()
-    use_compilation_cache()
-    config = FLAGS.config
-    try:
-        config.keys()
-    except OSError as e:  # ml_collections defers a config file's load error to its first use
-        _exit_with_error(f"--config: {_one_line(e)}")
-    try:
-        train(config, FLAGS.workdir)
-    except USER_ERRORS as e:
-        _exit_with_error(str(e))
-    except Exception as e:
-        if jax.process_count() == 1:
-            raise
-        # A failed collective (gloo "Connection reset by peer", ...) surfaces as one of several
-        # exception types. Exit at once: JAX's exit-time shutdown would wait for the lost
-        # process until heartbeat_timeout, then abort.
-        logging.exception("process %d failed", jax.process_index())
-        print(
-            f"error: process {jax.process_index()} of {jax.process_count()} failed: "
-            f"{type(e).__name__}: {_one_line(e)}; in a multi-process run this usually means "
-            "that another process died or hangs (see its log)",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
+    cli.use_compilation_cache()
+    config = cli.loaded_config("config")
+    workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
+    logging.info("workdir: %s", workdir)
+    with cli.user_errors(), cli.peer_failures():
+        train(config, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,9 +1,10 @@
 """The train state and the jitted train step; no CLI, no file paths.
 
-One step on a global batch: uniform t, `diffusion.training_losses`, optax Adam with warmup
-and clipping, EMA of the parameters. A step whose loss or gradients are not finite leaves the
-state unchanged and is counted, so a state never holds NaNs; the loop decides (nan_policy)
-whether to stop or go on.
+One step on a global batch: uniform t, `diffusion.training_losses`, an optimizer of the
+OPTIMIZERS table (Adam, AdamW) with a learning rate of the LR_SCHEDULES table after clipping the
+gradients' global norm, EMA of the parameters. A step whose loss or gradients are not finite
+leaves the state unchanged and is counted, so a state never holds NaNs; the loop decides
+(nan_policy) whether to stop or go on.
 """
 
 from __future__ import annotations
@@ -47,26 +48,75 @@ def make_schedule(config) -> schedules.Schedule:
     return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
 
 
-def learning_rate_schedule(optim, num_train_steps: int) -> optax.Schedule:
-    """Linear warmup to optim.lr, then constant (DDPM) or cosine decay to 0."""
-    if optim.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, optim.lr, optim.warmup_steps, max(num_train_steps, optim.warmup_steps + 1)
-        )
-    return optax.warmup_constant_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
+# Learning-rate schedules: name -> (optim config, num_train_steps) -> schedule(count), where
+# count is the number of updates applied before this one (optax's own count, which a skipped
+# non-finite step does not advance). Update k = count + 1 (1-based) warms up linearly over
+# warmup_steps: lr * k / warmup_steps until k = warmup_steps; warmup_steps = 0 means the full lr
+# from the first update.
+
+
+def _warmup(count, warmup_steps: int):
+    return jnp.minimum(1.0, (count + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def constant_lr(optim, num_train_steps: int) -> optax.Schedule:
+    """Warmup, then optim.lr (DDPM)."""
+    lr, warmup = float(optim.lr), int(optim.warmup_steps)
+    return lambda count: lr * _warmup(count, warmup)
+
+
+def cosine_lr(optim, num_train_steps: int) -> optax.Schedule:
+    """Warmup, then a cosine from optim.lr (update warmup_steps + 1) towards 0 (at update
+    num_train_steps + 1, never taken)."""
+    lr, warmup = float(optim.lr), int(optim.warmup_steps)
+    decay_steps = max(num_train_steps - warmup, 1)
+
+    def schedule(count):
+        progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+        cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return lr * jnp.where(count < warmup, _warmup(count, warmup), cosine)
+
+    return schedule
+
+
+LR_SCHEDULES = {"constant": constant_lr, "cosine": cosine_lr}
+
+
+def _adam_kwargs(optim) -> dict:
+    return dict(b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+
+
+def adam(lr: optax.Schedule, optim) -> optax.GradientTransformation:
+    return optax.adam(lr, **_adam_kwargs(optim))
+
+
+def adamw(lr: optax.Schedule, optim) -> optax.GradientTransformation:
+    """Adam with decoupled weight decay optim.weight_decay (default 0)."""
+    return optax.adamw(lr, weight_decay=optim.get("weight_decay", 0.0), **_adam_kwargs(optim))
+
+
+# Optimizers: name -> (lr schedule, optim config) -> optax transformation. Each passes the
+# schedule to optax as its learning rate, so its state holds the one ScaleByScheduleState whose
+# count applied_updates reads.
+OPTIMIZERS = {"adam": adam, "adamw": adamw}
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """optim.optimizer from OPTIMIZERS with its LR_SCHEDULES schedule, after clipping the
+    gradients' global norm to optim.grad_clip (0: no clipping)."""
     optim = config.optim
-    lr = learning_rate_schedule(optim, config.training.num_train_steps)
-    adam_kw = dict(b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
-    if optim.optimizer == "adamw":
-        opt = optax.adamw(lr, weight_decay=optim.get("weight_decay", 0.0), **adam_kw)
-    else:
-        opt = optax.adam(lr, **adam_kw)
+    lr = LR_SCHEDULES[optim.lr_schedule](optim, config.training.num_train_steps)
+    opt = OPTIMIZERS[optim.optimizer](lr, optim)
     if optim.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip), opt)
     return opt, lr
+
+
+def applied_updates(opt_state) -> jax.Array:
+    """The optimizer's own count of applied updates: the count its lr schedule is called with."""
+    is_count = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    (schedule_state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_count) if is_count(s)]
+    return schedule_state.count
 
 
 def init_state(model, optimizer, config, key) -> TrainState:
@@ -122,7 +172,8 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
     """step(state, images_uint8, base_key) -> (state, metrics): pure, jit it with shardings.
 
     The step's randomness is fold_in(base_key, state.step): never reused, and the same after a
-    resume. Metrics: loss, grad_norm, lr, finite.
+    resume. Metrics: loss, grad_norm, lr (the learning rate of this step's update, applied or
+    skipped), finite.
     """
     loss_fn = make_loss_fn(model, schedule, config)
     ema_decay = config.optim.ema_decay
@@ -131,7 +182,7 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
     def step(state: TrainState, images, base_key):
         key = jax.random.fold_in(base_key, state.step)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         decay = ema_decay
         if ema_warmup:  # min(decay, (1 + n) / (10 + n)): early averages forget the init faster
             n = state.step.astype(jnp.float32)
@@ -168,7 +219,7 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": lr_schedule(state.step),
+            "lr": lr_schedule(applied_updates(state.opt_state)),  # what this update uses
             "finite": finite,
         }
         return new_state, metrics

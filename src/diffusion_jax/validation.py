@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, samplers, schedules, training
 
-OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -84,10 +82,10 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         raise ConfigError(f"config.diffusion.loss_type: {e}") from None
     _float(config, "diffusion.hybrid_lambda", 0.0, float("inf"))
     # Optimisation.
-    _choice(config, "optim.optimizer", OPTIMIZERS)
+    _choice(config, "optim.optimizer", tuple(training.OPTIMIZERS))
     _float(config, "optim.lr", 0.0, 1.0, lo_open=True)
     _int(config, "optim.warmup_steps", 0)
-    _choice(config, "optim.lr_schedule", LR_SCHEDULES)
+    _choice(config, "optim.lr_schedule", tuple(training.LR_SCHEDULES))
     _float(config, "optim.grad_clip", 0.0, float("inf"))
     _float(config, "optim.ema_decay", 0.0, 1.0, hi_open=True)
     _float(config, "optim.beta1", 0.0, 1.0, hi_open=True)
@@ -113,12 +111,12 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _int(config, "sampling.batch_size", 1)
     # Model: the model's own checks, with the resolved channels and size.
     from diffusion_jax import models
-    from diffusion_jax.training import model_config
 
     try:
-        models.create_model(model_config(config))
+        models.create_model(training.model_config(config))
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
+    _check_unconditional(config.model)
     # Multi-process settings: checked before joining, so a typo cannot leave peers waiting.
     _str(config, "distributed.coordinator_address")
     _int(config, "distributed.num_processes", 1)
@@ -169,3 +167,21 @@ def _check_schedule(d) -> None:
             "reaches 1, where eps-prediction cannot recover x0 and samples are NaN); use a larger "
             "T, another schedule, or parameterization 'v' or 'x0'",
         )
+
+
+# What conditioning needs that the train step does not feed yet: its batches hold images only.
+_CONDITIONING = {
+    "num_classes": "class conditioning needs class labels",
+    "cond_channels": "image conditioning needs conditioning images",
+}
+
+
+def _check_unconditional(model) -> None:
+    for field, needs in _CONDITIONING.items():
+        value = model.get(field, 0)
+        if value:
+            _fail(
+                f"model.{field}",
+                value,
+                f"0: {needs}, which the train step does not feed to the model yet",
+            )

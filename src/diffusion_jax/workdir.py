@@ -1,14 +1,18 @@
-"""Open a workdir written by `diffusion_jax.train` (or by the diffusers importer): its config,
-the model and schedule it describes, and the EMA parameters of its newest readable checkpoint.
+"""A workdir's files: config.json, checkpoints/, metrics.jsonl and tensorboard/.
 
-Read-only, for the sample and evaluate CLIs: where a resuming train run moves an unreadable
-checkpoint aside, this skips it with a warning and tries the next older one. Only the EMA
-parameters and the step are read from the checkpoint, never the optimizer state.
+For train: the saved config.json, checked against SHAPE_FIELDS and compared field by field
+with a new config, writing it, and MetricsWriter. For the sample and
+evaluate CLIs, read-only: the config, the model and schedule it describes, and the EMA
+parameters of the newest readable checkpoint (where a resuming train run moves an unreadable
+checkpoint aside, this skips it with a warning and tries the next older one; only the EMA
+parameters and the step are read, never the optimizer state).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +26,129 @@ from diffusion_jax.validation import ConfigError, validate_config
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+# Fields that fix the shapes of the parameters: a workdir trained with other values cannot be
+# resumed with this config. Checked from config.json before anything compiles; the checkpoint's
+# own state tree is compared too (checkpointing.Checkpointer.restore), which catches the rest.
+SHAPE_FIELDS = (
+    "model.name",
+    "model.ch",
+    "model.ch_mult",
+    "model.num_res_blocks",
+    "model.attn_resolutions",
+    "model.num_heads",
+    "model.num_classes",
+    "model.resamp_with_conv",
+    "data.image_size",
+    "data.num_channels",
+    "diffusion.var_type",
+    "optim.optimizer",
+)
+
+
+def saved_config(workdir) -> dict | None:
+    """The config.json of `workdir` as a dict (None: there is none)."""
+    path = Path(workdir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(saved: dict, config) -> list[str]:
+    """`field: saved -> new` for each field where `config` differs from a saved config."""
+    old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+    return [
+        f"{field}: {old.get(field)!r} -> {new.get(field)!r}"
+        for field in sorted(old.keys() | new.keys())
+        if old.get(field) != new.get(field)
+    ]
+
+
+def check_workdir_config(workdir, saved: dict | None, config) -> None:
+    """Refuse to resume a workdir whose saved config has other parameter shapes."""
+    if saved is None:
+        return
+    old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
+    for field in SHAPE_FIELDS:
+        if old.get(field) != new.get(field):
+            raise UserError(
+                f"workdir {workdir} was trained with config.{field}={old.get(field)!r} but this "
+                f"config has {new.get(field)!r}: use a new --workdir, or pass "
+                f"--config.{field}={old.get(field)!r}"
+            )
+
+
+def write_config(workdir, config) -> None:
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    _write_atomically(Path(workdir) / CONFIG_FILE, config.to_json(indent=2))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (and a crash) see the old file or the new one, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard events, process 0 only.
+
+    Opened at `start_step` (the step the run resumes from), it first drops what a crashed run
+    logged after that step, and any line cut short by the crash: those steps are logged again.
+    Non-finite values are written as null (metrics.jsonl stays strict JSON).
+    """
+
+    def __init__(self, workdir, start_step: int):
+        workdir = Path(workdir)
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            path = workdir / METRICS_FILE
+            if path.exists():
+                _write_atomically(path, "".join(_lines_until(path, start_step)))
+            self._jsonl = open(path, "a")
+            # purge_step: TensorBoard hides the events a crashed run wrote after start_step.
+            self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {
+            k: v if not isinstance(v, float) or math.isfinite(v) else None
+            for k, v in metrics.items()
+        }
+        self._jsonl.write(json.dumps({"step": step, **record}, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        for name, value in metrics.items():
+            self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _lines_until(path: Path, step: int) -> list[str]:
+    """The complete lines of a metrics.jsonl that log steps <= step."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 class Workdir(NamedTuple):
