@@ -42,10 +42,14 @@ def exit_with_error(message: str):
 
 
 def one_line(error: BaseException) -> str:
-    """The message of an error, on one line (ml_collections nests a KeyError's in others')."""
+    """The message of an error, on one line (ml_collections nests a KeyError's in others', and
+    puts a config file's own error after the traceback it formats: only its last line is kept)."""
     while error.args and isinstance(error.args[0], BaseException):
         error = error.args[0]
     text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    if "Traceback (most recent call last)" in text:
+        head = text.split("Traceback (most recent call last)")[0].strip().rstrip(":")
+        text = f"{head}: {text.strip().splitlines()[-1]}"
     return " ".join(text.split())
 
 
