@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import config as config_lib
 from diffusion_jax import hostmem, training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,10 +66,7 @@ def set_up_process(args) -> None:
 
 def load_config(path: str, overrides: list[str]):
     """get_config() of a config file, with "a.b=value" overrides (values parsed as Python)."""
-    spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.load_config(str(ROOT / path))
     for item in overrides:
         key, _, value = item.partition("=")
         node = config

@@ -17,14 +17,12 @@ import pytest
 import diffusion_jax
 from diffusion_jax import checkpointing, data, sample, train
 from diffusion_jax.cli import UserError
+from diffusion_jax.config import load_config
 from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
 from diffusion_jax.interop.diffusers import import_to_workdir, load_unet2d
 from diffusion_jax.metrics import digits_classifier
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.workdir import load_workdir
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import ddpm_digits  # noqa: E402
 
 # T = 25: the linear schedule scales beta_T = 0.02 * 1000 / T, which reaches 1 (alpha_bar_T = 0,
 # infinite x_0 predictions) at T = 20.
@@ -32,7 +30,7 @@ NUM_TIMESTEPS = 25
 
 
 def tiny_config():
-    config = ddpm_digits.get_config()
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "ddpm_digits.py"))
     config.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=8)
     config.diffusion.num_timesteps = NUM_TIMESTEPS
     config.training.update(batch_size=8, num_train_steps=3, sample_every=0, checkpoint_every=3)

@@ -1,6 +1,5 @@
 """Data layer: sources (digits, tfds, image folders) and the deterministic batch pipeline."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from PIL import Image
 from tensorflow_datasets.core import constants as tfds_constants
 
 from diffusion_jax import data
+from diffusion_jax.config import load_config
 from diffusion_jax.data import images as images_lib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,10 +371,7 @@ def test_tfds_mock_cifar10_through_the_pipeline():
         assert lsun.num_classes == 1
 
         # configs/ddpm_cifar.py reads the split into memory once.
-        spec = importlib.util.spec_from_file_location("cifar", ROOT / "configs" / "ddpm_cifar.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        cached = data.create_source(module.get_config().data)
+        cached = data.create_source(load_config(str(ROOT / "configs" / "ddpm_cifar.py")).data)
         assert isinstance(cached, data.InMemorySource)
         assert_sources_equal(source, cached)
 

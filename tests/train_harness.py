@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_jax.config import load_config, override
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILE = REPO / "configs" / "ddpm_digits.py"
 
@@ -43,19 +45,20 @@ TINY = {
 
 
 def tiny_config(overrides: dict | None = None):
-    """configs/ddpm_digits.py with TINY and then `overrides` ({"a.b": value}) applied."""
-    sys.path.insert(0, str(CONFIG_FILE.parent))
-    try:
-        import ddpm_digits
-    finally:
-        sys.path.pop(0)
-    config = ddpm_digits.get_config()
-    for field, value in {**TINY, **(overrides or {})}.items():
-        *parents, name = field.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[name] = value
+    """configs/ddpm_digits.py with TINY and then `overrides` ({"a.b": value}) applied. A value
+    of another type than the field's replaces the field (ConfigDict would refuse it), so tests
+    can hand validation the ill-typed values a config file not built on base_config may hold."""
+    config = override(load_config(str(CONFIG_FILE)), TINY)
+    for field, value in (overrides or {}).items():
+        try:
+            override(config, {field: value})
+        except TypeError:
+            *parents, name = field.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            del node[name]
+            node[name] = value
     return config
 
 
