@@ -270,8 +270,8 @@ def run_chain(
     (ceil(T/k), *x_T.shape): the state after chain steps k-1, 2k-1, ... (entries past the last
     step stay zero).
     `progress_fn(step, total)` is called on the host (jax.debug.callback) after every
-    max(1, total // PROGRESS_UPDATES)-th step and after the last: a callback after every step
-    made a 200-step digits chain at batch 250 1.09x slower on CPU, even one that did nothing.
+    max(1, total // PROGRESS_UPDATES)-th step and after the last, not after every step: each
+    callback is a host round trip that slows a CPU chain (experiments/PERFORMANCE.md).
     """
     diffusion.check_choice("sampler", sampler, SAMPLERS)
     diffusion.check_options(parameterization=parameterization, var_type=var_type)

@@ -200,8 +200,7 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
             return state.params, state.ema_params, state.opt_state
 
         # A NaN/inf loss or gradient skips the update. A cond, not a select of new or old per
-        # leaf after updating: the select kept both states alive (copies), 158 against 92 ms per
-        # update of the CIFAR-10 model's 35.7M parameters (scratch microbenchmark).
+        # leaf after updating, which keeps both states alive (experiments/PERFORMANCE.md).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, ema_params, opt_state = jax.lax.cond(finite, update, skip, state, grads)
         new_state = TrainState(
