@@ -16,8 +16,6 @@ import math
 import jax
 import numpy as np
 
-SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "const", "jsd", "warmup10", "warmup50")
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +57,60 @@ def _cosine_alpha_bar(num_timesteps: int, s: float) -> np.ndarray:
     return np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
 
 
+def _linear(T, start, end, **_):
+    return np.linspace(start, end, T, dtype=np.float64)
+
+
+def _quadratic(T, start, end, **_):
+    return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
+
+
+def _sigmoid(T, start, end, **_):
+    """A sigmoid over [-6, 6], scaled to [start, end]."""
+    sig = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T, dtype=np.float64)))
+    return sig * (end - start) + start
+
+
+def _const(T, start, end, **_):
+    return np.full(T, end, dtype=np.float64)
+
+
+def _jsd(T, start, end, **_):
+    """1/T, 1/(T-1), ..., 1 (Sohl-Dickstein et al. 2015)."""
+    return 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+
+
+def _warmup(percent: int):
+    """beta_end throughout, after a linear warm-up from beta_start over `percent`% of T."""
+
+    def betas(T, start, end, **_):
+        out = np.full(T, end, dtype=np.float64)
+        warmup = int(T * percent / 100.0)
+        out[:warmup] = np.linspace(start, end, warmup, dtype=np.float64)
+        return out
+
+    return betas
+
+
+def _cosine(T, start, end, *, cosine_s, max_beta):
+    """Improved DDPM's cosine alpha_bar (eq. 17), betas capped at max_beta."""
+    alpha_bar = _cosine_alpha_bar(T, cosine_s)
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+
+
+# The one table of beta schedules: name -> betas(T, beta_start, beta_end, *, cosine_s, max_beta).
+SCHEDULES = {
+    "linear": _linear,
+    "quadratic": _quadratic,
+    "cosine": _cosine,
+    "sigmoid": _sigmoid,
+    "const": _const,
+    "jsd": _jsd,
+    "warmup10": _warmup(10),
+    "warmup50": _warmup(50),
+}
+
+
 def get_beta_schedule(
     name: str,
     num_timesteps: int,
@@ -68,7 +120,7 @@ def get_beta_schedule(
     cosine_s: float = 0.008,
     max_beta: float = 0.999,
 ) -> np.ndarray:
-    """Betas (float64, (T,)) of a named schedule.
+    """Betas (float64, (T,)) of a named schedule (a key of SCHEDULES).
 
     linear, quadratic, sigmoid, const and warmupN use beta_start / beta_end; left unset they are
     DDPM's 1e-4 and 0.02 scaled by 1000 / T (improved DDPM's rule), so T = 1000 gives the paper's
@@ -81,25 +133,7 @@ def get_beta_schedule(
     scale = 1000.0 / num_timesteps
     start = scale * 1e-4 if beta_start is None else float(beta_start)
     end = scale * 0.02 if beta_end is None else float(beta_end)
-    if name == "linear":
-        betas = np.linspace(start, end, num_timesteps, dtype=np.float64)
-    elif name == "quadratic":
-        betas = np.linspace(start**0.5, end**0.5, num_timesteps, dtype=np.float64) ** 2
-    elif name == "sigmoid":
-        sig = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)))
-        betas = sig * (end - start) + start
-    elif name == "const":
-        betas = np.full(num_timesteps, end, dtype=np.float64)
-    elif name == "jsd":
-        betas = 1.0 / np.linspace(num_timesteps, 1, num_timesteps, dtype=np.float64)
-    elif name.startswith("warmup"):
-        frac = int(name[len("warmup") :]) / 100.0
-        betas = np.full(num_timesteps, end, dtype=np.float64)
-        warmup = int(num_timesteps * frac)
-        betas[:warmup] = np.linspace(start, end, warmup, dtype=np.float64)
-    else:  # cosine
-        alpha_bar = _cosine_alpha_bar(num_timesteps, cosine_s)
-        betas = np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+    betas = SCHEDULES[name](num_timesteps, start, end, cosine_s=cosine_s, max_beta=max_beta)
     # Only jsd may reach beta = 1 (by design): elsewhere it makes alpha_bar_T = 0 and the
     # x_0 prediction at t = T divides by zero.
     upper_ok = np.all(betas <= 1) if name == "jsd" else np.all(betas < 1)
