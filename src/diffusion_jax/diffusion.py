@@ -8,6 +8,7 @@ schedule's `timesteps[t]` (the original step for a respaced schedule).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -16,10 +17,6 @@ import jax.numpy as jnp
 
 from diffusion_jax.gaussian import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from diffusion_jax.schedules import Schedule
-
-PARAMETERIZATIONS = ("eps", "x0", "v")
-VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
-LOSS_TYPES = ("simple", "kl", "hybrid")
 
 
 def check_choice(name: str, value, allowed) -> str:
@@ -37,7 +34,12 @@ def check_options(*, parameterization=None, var_type=None, loss_type=None) -> No
         check_choice("var_type", var_type, VAR_TYPES)
     if loss_type is not None:
         check_choice("loss_type", loss_type, LOSS_TYPES)
-    if loss_type == "simple" and var_type == "learned_range":
+    if (
+        loss_type is not None
+        and var_type is not None
+        and not LOSS_TYPES[loss_type].vb
+        and (VAR_TYPES[var_type].learned)
+    ):
         raise ValueError(
             "loss_type 'simple' does not train a learned variance; with var_type "
             "'learned_range' use loss_type 'hybrid' or 'kl'"
@@ -47,7 +49,7 @@ def check_options(*, parameterization=None, var_type=None, loss_type=None) -> No
 def model_output_channels(num_channels: int, var_type: str) -> int:
     """Channels the network must output: doubled when it also predicts the variance."""
     check_options(var_type=var_type)
-    return 2 * num_channels if var_type == "learned_range" else num_channels
+    return 2 * num_channels if VAR_TYPES[var_type].learned else num_channels
 
 
 def check_timesteps(schedule: Schedule, t, batch_size: int | None = None) -> None:
@@ -148,52 +150,101 @@ def predict_eps_from_v(s: Schedule, x_t, t, v):
     )
 
 
+def _x0_from_x0(s: Schedule, x_t, t, x0):
+    return x0
+
+
+def _eps_target(s: Schedule, x0, noise, t):
+    return noise
+
+
+def _x0_target(s: Schedule, x0, noise, t):
+    return x0
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameterization:
+    """What the network predicts: `to_x0(s, x_t, t, output)` recovers x_0 from its output, and
+    `target(s, x0, noise, t)` is what L_simple regresses it on."""
+
+    to_x0: Callable
+    target: Callable
+
+
+# The one table of parameterisations; a new one is its two functions and an entry.
+PARAMETERIZATIONS = {
+    "eps": Parameterization(predict_x0_from_eps, _eps_target),  # Ho et al. eq. 11-12
+    "x0": Parameterization(_x0_from_x0, _x0_target),
+    "v": Parameterization(predict_x0_from_v, get_v),  # Salimans & Ho 2022
+}
+
+
 def predict_x0(s: Schedule, model_mean_output, x_t, t, parameterization: str):
     """The model's prediction of x_0 from its (mean) output in any parameterisation."""
-    if parameterization == "eps":
-        return predict_x0_from_eps(s, x_t, t, model_mean_output)
-    if parameterization == "v":
-        return predict_x0_from_v(s, x_t, t, model_mean_output)
-    return model_mean_output
+    return PARAMETERIZATIONS[parameterization].to_x0(s, x_t, t, model_mean_output)
 
 
 def training_target(s: Schedule, x0, noise, t, parameterization: str):
     """What the network regresses: eps, x_0 or v."""
-    if parameterization == "eps":
-        return noise
-    if parameterization == "v":
-        return get_v(s, x0, noise, t)
-    return x0
+    return PARAMETERIZATIONS[parameterization].target(s, x0, noise, t)
 
 
 # --- the reverse process ---------------------------------------------------------------
 
 
+def _fixed_small(s: Schedule, var_values, t, shape):
+    """beta-tilde_t, the posterior's variance (log clipped at t = 0)."""
+    return extract(s.posterior_log_variance_clipped, t, shape)
+
+
+def _fixed_large(s: Schedule, var_values, t, shape):
+    """beta_t, with beta-tilde_1 at t = 0 (the original code's choice)."""
+    return extract(s.fixed_large_log_variance, t, shape)
+
+
+def _learned_range(s: Schedule, var_values, t, shape):
+    """Improved DDPM eq. 15: log sigma^2 interpolates log beta_t and log beta-tilde_t."""
+    min_log = extract(s.posterior_log_variance_clipped, t, shape)
+    max_log = extract(jnp.log(s.betas), t, shape)
+    frac = (var_values + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+@dataclasses.dataclass(frozen=True)
+class VarType:
+    """The reverse process's variance: `log_variance(s, var_values, t, shape)`; `learned` ones
+    take var_values from C more output channels of the network."""
+
+    log_variance: Callable
+    learned: bool = False
+
+
+# The one table of reverse-process variances.
+VAR_TYPES = {
+    "fixed_small": VarType(_fixed_small),
+    "fixed_large": VarType(_fixed_large),
+    "learned_range": VarType(_learned_range, learned=True),
+}
+
+
 def split_model_output(model_output, x_t, var_type: str):
-    """(mean part, variance part or None): learned_range models output 2C channels."""
+    """(mean part, variance part or None): a learned variance takes C more output channels."""
     channels = x_t.shape[-1]
-    expected = 2 * channels if var_type == "learned_range" else channels
+    learned = VAR_TYPES[var_type].learned
+    expected = 2 * channels if learned else channels
     if model_output.shape[:-1] != x_t.shape[:-1] or model_output.shape[-1] != expected:
         raise ValueError(
             f"model output shape {model_output.shape} does not fit x_t {x_t.shape} with "
             f"var_type {var_type!r} (expected {expected} channels)"
         )
-    if var_type == "learned_range":
+    if learned:
         return model_output[..., :channels], model_output[..., channels:]
     return model_output, None
 
 
 def model_log_variance(s: Schedule, var_values, t, shape, var_type: str):
     """log sigma_t^2 of p(x_{t-1} | x_t) for a variance type (and learned values)."""
-    if var_type == "fixed_small":
-        return extract(s.posterior_log_variance_clipped, t, shape)
-    if var_type == "fixed_large":
-        return extract(s.fixed_large_log_variance, t, shape)
-    # learned_range: improved DDPM eq. 15, interpolate log beta_t and log beta_tilde_t.
-    min_log = extract(s.posterior_log_variance_clipped, t, shape)
-    max_log = extract(jnp.log(s.betas), t, shape)
-    frac = (var_values + 1.0) / 2.0
-    return frac * max_log + (1.0 - frac) * min_log
+    return VAR_TYPES[var_type].log_variance(s, var_values, t, shape)
 
 
 def p_mean_variance(
@@ -256,6 +307,41 @@ def prior_bpd(s: Schedule, x0):
     return mean_flat(kl) / math.log(2.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class LossType:
+    """A training loss from the per-example terms "mse" (L_simple) and "vb" (L_t in bits/dim):
+    which it needs, whether the bound's gradient reaches the mean (else only the variance), and
+    total(terms, s, x0, hybrid_lambda) -> (B,)."""
+
+    mse: bool
+    vb: bool
+    vb_trains_mean: bool
+    total: Callable
+
+
+def _simple_total(terms, s: Schedule, x0, hybrid_lambda):
+    """Algorithm 1: ||target - output||^2."""
+    return terms["mse"]
+
+
+def _kl_total(terms, s: Schedule, x0, hybrid_lambda):
+    """The bound itself, T * L_t + L_T: unbiased for the total bound when t is uniform (eq. 5)."""
+    return s.num_timesteps * terms["vb"] + prior_bpd(s, x0)
+
+
+def _hybrid_total(terms, s: Schedule, x0, hybrid_lambda):
+    """Improved DDPM Sec. 3.1: L_simple + lambda T L_t, the bound training only the variance."""
+    return terms["mse"] + hybrid_lambda * s.num_timesteps * terms["vb"]
+
+
+# The one table of training losses.
+LOSS_TYPES = {
+    "simple": LossType(mse=True, vb=False, vb_trains_mean=False, total=_simple_total),
+    "kl": LossType(mse=False, vb=True, vb_trains_mean=True, total=_kl_total),
+    "hybrid": LossType(mse=True, vb=True, vb_trains_mean=False, total=_hybrid_total),
+}
+
+
 def training_losses(
     s: Schedule,
     denoise_fn: Callable,
@@ -269,26 +355,22 @@ def training_losses(
     hybrid_lambda: float = 0.001,
     model_kwargs: dict | None = None,
 ):
-    """Per-example training losses at timesteps t; returns a dict with "loss" (B,).
-
-    simple: mean-flat ||target - output||^2 (Algorithm 1; target eps, x0 or v).
-    kl: the bound itself, T * L_t + L_T in bits/dim: an unbiased estimate of the total bound
-        when t is uniform (eq. 5).
-    hybrid: simple + hybrid_lambda * T * L_t, with L_t seeing a stop-gradient on the mean so the
-        bound trains only the variance (improved DDPM, Sec. 3.1).
-    """
+    """Per-example training losses at timesteps t; returns a dict with "loss" (B,) and the
+    terms it is made of: "mse" (mean-flat ||target - output||^2, target eps, x0 or v) and "vb"
+    (L_t in bits/dim), as LOSS_TYPES[loss_type] combines them."""
     check_options(parameterization=parameterization, var_type=var_type, loss_type=loss_type)
     check_timesteps(s, t, x0.shape[0])
     noise = jax.random.normal(key, x0.shape, x0.dtype)
     x_t = q_sample(s, x0, t, noise)
     model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(model_kwargs or {}))
     mean_output, var_values = split_model_output(model_output, x_t, var_type)
+    loss = LOSS_TYPES[loss_type]
     terms = {}
-    if loss_type in ("simple", "hybrid"):
+    if loss.mse:
         target = training_target(s, x0, noise, t, parameterization)
         terms["mse"] = mean_flat(jnp.square(target - mean_output))
-    if loss_type in ("kl", "hybrid"):
-        frozen = mean_output if loss_type == "kl" else jax.lax.stop_gradient(mean_output)
+    if loss.vb:
+        frozen = mean_output if loss.vb_trains_mean else jax.lax.stop_gradient(mean_output)
         vb_output = frozen if var_values is None else jnp.concatenate([frozen, var_values], -1)
         out = p_mean_variance(
             s,
@@ -300,12 +382,7 @@ def training_losses(
             clip_denoised=False,
         )
         terms["vb"] = vb_terms_bpd(s, out, x0, x_t, t)
-    if loss_type == "simple":
-        terms["loss"] = terms["mse"]
-    elif loss_type == "kl":
-        terms["loss"] = s.num_timesteps * terms["vb"] + prior_bpd(s, x0)
-    else:
-        terms["loss"] = terms["mse"] + hybrid_lambda * s.num_timesteps * terms["vb"]
+    terms["loss"] = loss.total(terms, s, x0, hybrid_lambda)
     return terms
 
 
