@@ -4,7 +4,7 @@ this CPU-only machine.
 JAX lowers a program for another platform without its hardware (`lowering_platforms`), so the
 accelerators' programs are checked here, where no accelerator is. Under model.kernels='auto' (the
 default) the CPU kernels of models/fast_cpu (`lax.platform_dependent`) must stay out of them: on
-CUDA and TPU the program is the one of model.kernels='xla', plain Flax, every 3x3 convolution
+CUDA and TPU the program is the one of model.kernels='xla', plain Flax, every convolution
 XLA's, in the forward pass and both gradients, and every reduction a standard one; forward-mode
 autodiff lowers there. Under training.mixed_precision every convolution and matmul there has
 a bfloat16 operand (none runs on two float32 ones). Each check also runs on the CPU lowering,
@@ -45,8 +45,9 @@ def lowered_step(mixed: bool, platforms, kernels: str = "auto") -> tuple[dict, d
     return texts, state.params
 
 
-def kernels_3x3(params) -> list:
-    return [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+def conv_kernels(params) -> list:
+    """The kernels of every convolution, 3x3 and 1x1: plain Flax's are all XLA convolutions."""
+    return [w for w in jax.tree.leaves(params) if w.ndim == 4]
 
 
 def ops(text: str, name: str) -> list[str]:
@@ -62,7 +63,7 @@ def test_accelerators_get_xla_convolutions_and_standard_reducers():
     texts, params = lowered_step(False, ("cpu", *ACCELERATORS))
     # The forward pass and both gradients of each; the first layer's input (x_t) has no
     # gradient.
-    expected_convolutions = 3 * len(kernels_3x3(params)) - 1
+    expected_convolutions = 3 * len(conv_kernels(params)) - 1
     for platform in ACCELERATORS:
         text = texts[platform]
         assert len(ops(text, "convolution")) == expected_convolutions, platform
@@ -88,7 +89,7 @@ def test_mixed_precision_convolutions_and_matmuls_are_bfloat16_on_accelerators()
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
 def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
-    """The DDPM chain (a traced step count, so a while loop): on CUDA and TPU each 3x3
+    """The DDPM chain (a traced step count, so a while loop): on CUDA and TPU each
     convolution once, as XLA's convolution (bfloat16 under mixed precision); on CPU in float32,
     Winograd's products instead."""
     config = tiny_config({**LAYERS, "training.mixed_precision": mixed})
@@ -109,7 +110,7 @@ def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
 
     key = jax.eval_shape(lambda: jax.random.key(1))
     traced = jax.jit(chain).trace(params, jax.ShapeDtypeStruct((), np.int32), key)
-    num_kernels = len(kernels_3x3(params))
+    num_kernels = len(conv_kernels(params))
     for platform in ACCELERATORS:
         text = traced.lower(lowering_platforms=(platform,)).as_text()
         assert len(ops(text, "while")) == 1, platform
@@ -154,8 +155,7 @@ def test_forward_mode_with_auto_lowers_on_accelerators_and_is_refused_on_cpu():
     traced = jax.jit(jvp).trace(params, x, t)
     for platform in ACCELERATORS:
         text = traced.lower(lowering_platforms=(platform,)).as_text()
-        # each convolution (3x3 and 1x1) and its tangent
-        convolutions = [w for w in jax.tree.leaves(params) if w.ndim == 4]
-        assert len(ops(text, "convolution")) == 2 * len(convolutions), platform
+        # each convolution and its tangent
+        assert len(ops(text, "convolution")) == 2 * len(conv_kernels(params)), platform
     with pytest.raises(TypeError, match="model.kernels='fast_cpu', or 'auto' on CPU"):
         traced.lower(lowering_platforms=("cpu",))
