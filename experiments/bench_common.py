@@ -121,8 +121,8 @@ def matmul_ceiling(n: int = 4096, repeats: int = 5, dtype=jnp.float32) -> float:
 
 def model_flops(jitted, *args) -> float:
     """FLOPs of one call of jitted(*args) as the model is written: XLA's cost analysis of the
-    program compiled with direct convolutions. On CPU, models/conv.py computes float32 3x3
-    convolutions by Winograd's algorithm, the same result with a quarter of the multiplications;
+    program compiled with direct convolutions. On CPU, models/fast_cpu/conv.py computes float32
+    3x3 convolutions by Winograd's algorithm, the same result with a quarter of the products;
     GFLOP/s here counts the model's work, so that it compares across algorithms and with PyTorch.
     (The cost analysis of the lowered, uncompiled program would save the compilation, but JAX
     0.11.2 returns None for it on a GPU.)"""

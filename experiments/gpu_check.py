@@ -7,8 +7,8 @@ The train step's objective (training.make_loss_fn) and its gradient, from the sa
 (the init, with its zero-initialised kernels made random), images and key, jitted once for the
 CPU and once for the default backend (a GPU or TPU; on a CPU-only machine the "accelerator" is
 the CPU again). The CPU side is
-float32 under jax.default_matmul_precision("highest"): off the CPU, models/conv.py and
-models/norm.py take their plain lax branches, so this checks those branches and the
+float32 under jax.default_matmul_precision("highest"): off the CPU, model.kernels='auto' (the
+default) runs plain Flax layers, so this checks those and the
 accelerator's kernels against the CPU's. Three accelerator runs, each with its bound on
 ||g_acc - g_cpu|| / ||g_cpu|| over all parameters (and on the loss's relative difference):
 

@@ -1,5 +1,5 @@
 """The UNet's convolution: same values and gradients as lax.conv_general_dilated, with the kernel
-gradient of stride-1 same convolutions computed as matrix products (models/conv.py).
+gradient of stride-1 same convolutions computed as matrix products (models/fast_cpu/conv.py).
 
 Tolerances: float32 sums of B*H*W*C (at most 2,000) products in a different order; the
 rounding is about sqrt(n) * 6e-8 ~ 3e-6 of the largest entry, so 1e-5 relative to the largest
@@ -16,7 +16,7 @@ import pytest
 from jax import lax
 from test_unet import tiny
 
-from diffusion_jax.models import conv, layers
+from diffusion_jax.models.fast_cpu import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 RTOL = 1e-5
@@ -196,7 +196,7 @@ def test_dense_dot_general_is_a_drop_in(shape):
     dense = (((x.ndim - 1,), (0,)), ((), ()))
     ours = lambda x, w: conv.dense_dot_general(x, w, dense)  # noqa: E731
     names = {e.primitive.name for e in jax.make_jaxpr(ours)(x, w).eqns}
-    assert names == {"custom_vjp_call"}  # channel_matmul
+    assert names == {"custom_jvp_call", "custom_vjp_call"}  # channel_matmul, marked
     ref = lambda x, w: lax.dot_general(x, w, dense)  # noqa: E731
     assert rel_err(ours(x, w), ref(x, w)) < RTOL
     loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
@@ -211,8 +211,10 @@ def test_dense_dot_general_is_a_drop_in(shape):
     assert [e.primitive.name for e in eqns] == ["dot_general"]
 
 
-def test_unet_gradient_equals_the_one_through_lax_convolutions(monkeypatch):
-    model = tiny()
+def test_unet_gradient_equals_the_one_through_lax_convolutions():
+    """The whole UNet's parameter gradient under kernels="fast_cpu" against "xla" (Flax's own
+    layers, XLA's autodiff)."""
+    model = tiny(kernels="fast_cpu")
     x = jax.random.uniform(jax.random.key(8), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
     t = jnp.array([3, 700])
     params = model.init(jax.random.key(9), x, t)["params"]
@@ -223,12 +225,10 @@ def test_unet_gradient_equals_the_one_through_lax_convolutions(monkeypatch):
         [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
     )
 
-    def grads():
+    def grads(model):
         return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2))(params)
 
-    ours = grads()
-    monkeypatch.setattr(layers, "conv_general_dilated", lax.conv_general_dilated)
-    ref = grads()
+    ours, ref = grads(model), grads(tiny(kernels="xla"))
     # softmax(q . (k + b)) = softmax(q . k): the gradient of to_k's bias is zero but for rounding
     # (about 4e-8 here), so its error is taken relative to the largest entry of to_k's kernel's.
     errs = {}

@@ -1,5 +1,6 @@
-"""Dropout with a bit-packed mask (models/layers.py): flax's nn.Dropout values and gradients
-bit for bit, a lossless pack/unpack, and a backward pass that no longer holds uint32 bits.
+"""Dropout with a bit-packed mask (models/fast_cpu/dropout.py): flax's nn.Dropout values and
+gradients bit for bit, a lossless pack/unpack, and a backward pass that no longer holds uint32
+bits.
 
 Tolerances: none. The mask comes from the same rng by the same jax.random.bernoulli call and
 the kept values are the same float operation (x / keep), so equality is exact.
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.models.layers import Dropout, pack_bits, unpack_bits
+from diffusion_jax.models.fast_cpu import Dropout, pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (13,), (3, 5, 7), (2, 4, 4, 16)])

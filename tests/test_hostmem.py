@@ -1,4 +1,5 @@
-"""hostmem.keep_freed_memory: a compiled call's temporaries are reused by the next call.
+"""hostmem.keep_freed_memory: a compiled call's temporaries are reused by the next call, on CPU
+only, decided without starting a backend.
 
 Measured, not timed: page faults (ru_minflt) per call of a jitted function with a 40 MB
 temporary, calls 6 to 20 in two fresh processes, with and without keep_freed_memory(). Without
@@ -54,3 +55,38 @@ def test_a_calls_temporaries_are_reused_by_the_next_call():
 def test_it_is_a_no_op_off_glibc(monkeypatch):
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert hostmem.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize(
+    "platforms, expected", [("cpu", True), ("cpu,cuda", True), ("cuda", False), ("tpu,cpu", False)]
+)
+def test_the_first_configured_platform_decides(platforms, expected):
+    assert hostmem.computes_on_cpu(platforms) is expected
+
+
+def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
+    real_find_spec = hostmem.importlib.util.find_spec
+    monkeypatch.setattr(
+        hostmem.importlib.util,
+        "find_spec",
+        lambda name: object() if name == "libtpu" else real_find_spec(name),
+    )
+    assert hostmem.computes_on_cpu("") is False
+
+
+def test_it_is_a_no_op_off_the_cpu(monkeypatch):
+    monkeypatch.setattr(hostmem, "is_glibc", lambda: True)
+    monkeypatch.setattr(hostmem, "computes_on_cpu", lambda: False)
+    monkeypatch.setattr(hostmem.ctypes, "CDLL", None)  # mallopt is never reached
+    assert hostmem.keep_freed_memory() is False
+
+
+def test_deciding_starts_no_backend():
+    script = (
+        "from diffusion_jax import hostmem; from jax._src import xla_bridge\n"
+        "hostmem.keep_freed_memory()\n"
+        "print(xla_bridge.backends_are_initialized())"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]

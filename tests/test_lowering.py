@@ -2,14 +2,16 @@
 this CPU-only machine.
 
 JAX lowers a program for another platform without its hardware (`lowering_platforms`), so the
-accelerators' programs are checked here, where no accelerator is. The CPU-only paths of
-models/conv.py and models/norm.py (`lax.platform_dependent`) must stay out of them: on CUDA and
-TPU every 3x3 convolution is XLA's, in the forward pass and both gradients, and every reduction
-uses a standard reducer. Under training.mixed_precision every convolution and matmul there has
+accelerators' programs are checked here, where no accelerator is. Under model.kernels='auto' (the
+default) the CPU kernels of models/fast_cpu (`lax.platform_dependent`) must stay out of them: on
+CUDA and TPU the program is the one of model.kernels='xla', plain Flax, every convolution
+XLA's, in the forward pass and both gradients, and every reduction a standard one; forward-mode
+autodiff lowers there. Under training.mixed_precision every convolution and matmul there has
 a bfloat16 operand (none runs on two float32 ones). Each check also runs on the CPU lowering,
 where the CPU-only paths must show, so that none of them can pass vacuously.
 """
 
+import collections
 import re
 
 import jax
@@ -28,9 +30,9 @@ LAYERS = {
 ACCELERATORS = ("cuda", "tpu")
 
 
-def lowered_step(mixed: bool, platforms) -> tuple[dict, dict]:
+def lowered_step(mixed: bool, platforms, kernels: str = "auto") -> tuple[dict, dict]:
     """({platform: StableHLO text of the train step}, params)."""
-    config = tiny_config({**LAYERS, "training.mixed_precision": mixed})
+    config = tiny_config({**LAYERS, "training.mixed_precision": mixed, "model.kernels": kernels})
     model = models.create_model(training.model_config(config))
     optimizer, lr = training.make_optimizer(config)
     step = training.make_train_step(model, training.make_schedule(config), config, optimizer, lr)
@@ -43,8 +45,9 @@ def lowered_step(mixed: bool, platforms) -> tuple[dict, dict]:
     return texts, state.params
 
 
-def kernels_3x3(params) -> list:
-    return [w for w in jax.tree.leaves(params) if w.ndim == 4 and w.shape[:2] == (3, 3)]
+def conv_kernels(params) -> list:
+    """The kernels of every convolution, 3x3 and 1x1: plain Flax's are all XLA convolutions."""
+    return [w for w in jax.tree.leaves(params) if w.ndim == 4]
 
 
 def ops(text: str, name: str) -> list[str]:
@@ -60,7 +63,7 @@ def test_accelerators_get_xla_convolutions_and_standard_reducers():
     texts, params = lowered_step(False, ("cpu", *ACCELERATORS))
     # The forward pass and both gradients of each; the first layer's input (x_t) has no
     # gradient.
-    expected_convolutions = 3 * len(kernels_3x3(params)) - 1
+    expected_convolutions = 3 * len(conv_kernels(params)) - 1
     for platform in ACCELERATORS:
         text = texts[platform]
         assert len(ops(text, "convolution")) == expected_convolutions, platform
@@ -86,7 +89,7 @@ def test_mixed_precision_convolutions_and_matmuls_are_bfloat16_on_accelerators()
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
 def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
-    """The DDPM chain (a traced step count, so a while loop): on CUDA and TPU each 3x3
+    """The DDPM chain (a traced step count, so a while loop): on CUDA and TPU each
     convolution once, as XLA's convolution (bfloat16 under mixed precision); on CPU in float32,
     Winograd's products instead."""
     config = tiny_config({**LAYERS, "training.mixed_precision": mixed})
@@ -107,7 +110,7 @@ def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
 
     key = jax.eval_shape(lambda: jax.random.key(1))
     traced = jax.jit(chain).trace(params, jax.ShapeDtypeStruct((), np.int32), key)
-    num_kernels = len(kernels_3x3(params))
+    num_kernels = len(conv_kernels(params))
     for platform in ACCELERATORS:
         text = traced.lower(lowering_platforms=(platform,)).as_text()
         assert len(ops(text, "while")) == 1, platform
@@ -120,3 +123,39 @@ def test_sampling_chain_on_accelerators_is_xla_convolutions_in_one_loop(mixed):
         cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
         assert len(ops(cpu, "convolution")) < num_kernels
         assert [ln for ln in ops(cpu, "dot_general") if "tensor<36x" in ln]
+
+
+def op_counts(text: str) -> collections.Counter:
+    """How many of each StableHLO op, less the traces of a pruned `lax.platform_dependent`: a
+    `case` on a constant index around the one branch lowered, its constants and returns, and the
+    zero broadcasts that stand for the pruned branch's residuals (unused, so XLA drops them)."""
+    names = re.findall(r"stablehlo\.(\w+)", text)
+    pruned = ("case", "return", "constant", "broadcast_in_dim")
+    return collections.Counter(n for n in names if n not in pruned)
+
+
+def test_auto_on_accelerators_is_the_plain_flax_program():
+    auto, _ = lowered_step(False, ACCELERATORS)
+    xla, _ = lowered_step(False, ACCELERATORS, kernels="xla")
+    for platform in ACCELERATORS:
+        got, want = op_counts(auto[platform]), op_counts(xla[platform])
+        assert got == want, (platform, got - want, want - got)
+
+
+def test_forward_mode_with_auto_lowers_on_accelerators_and_is_refused_on_cpu():
+    config = tiny_config({**LAYERS, "model.kernels": "auto"})
+    model = models.create_model(training.model_config(config))
+    x = jax.ShapeDtypeStruct((8, 8, 8, 1), np.float32)
+    t = jax.ShapeDtypeStruct((8,), np.int32)
+    params = jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), x, t)["params"]
+
+    def jvp(params, x, t):
+        return jax.jvp(lambda x: model.apply({"params": params}, x, t), (x,), (x,))
+
+    traced = jax.jit(jvp).trace(params, x, t)
+    for platform in ACCELERATORS:
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        # each convolution and its tangent
+        assert len(ops(text, "convolution")) == 2 * len(conv_kernels(params)), platform
+    with pytest.raises(TypeError, match="model.kernels='fast_cpu', or 'auto' on CPU"):
+        traced.lower(lowering_platforms=("cpu",))

@@ -1,6 +1,6 @@
-"""GroupNorm (+ swish) with the input-only gradient (models/norm.py): values equal the float64
-definition and flax's nn.GroupNorm to float32 summation rounding, gradients equal float64 finite
-differences and autodiff of flax's composition, and the backward pass keeps no image-sized
+"""GroupNorm (+ swish) with the input-only gradient (models/fast_cpu/norm.py): values equal the
+float64 definition and flax's nn.GroupNorm to float32 summation rounding, gradients equal float64
+finite differences and autodiff of flax's composition, and the backward pass keeps no image-sized
 tensor but the input.
 
 Tolerances: the forward's per-group mean and mean square are float32 sums of n = H * W * C / G
@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from diffusion_jax.models import layers, norm
+from diffusion_jax.models import layers
+from diffusion_jax.models.fast_cpu import norm
 
 EPS = 1e-6
 RTOL = 1e-5
@@ -89,7 +90,7 @@ def test_sum_is_the_sum_and_small_ones_stay_out_of_ynnpack(batch):
         )
 
     # On CPU, XLA gives a reduce with a lone-add reducer to YNNPACK (its fusions are marked
-    # __ynn_fusion); GroupNorm's sums ran 1.3-3x faster in XLA's own loops (models/norm.py).
+    # __ynn_fusion); GroupNorm's small sums stay in XLA's own loops (models/fast_cpu/norm.py).
     x, scale, bias = inputs((2, 8, 8, 64))
     hlo = jax.jit(fwd_bwd).lower(x, scale, bias).compile().as_text()
     if jax.default_backend() == "cpu":
@@ -158,7 +159,7 @@ def test_bfloat16_output_with_float32_gradients():
 
 def test_batch_sharded_over_every_device_compiles_and_agrees():
     # The batch axis's sums become all-reduces when it is sharded; XLA's collectives take only
-    # the standard reducers, so GroupNorm's own (models/norm.py `_sum`) must not reduce it.
+    # the standard reducers, so GroupNorm's own (models/fast_cpu/norm.py `_sum`) must not reduce it.
     devices = jax.devices()
     x, scale, bias = inputs((len(devices), 4, 4, 64), seed=6)
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -200,7 +201,7 @@ def test_resnet_blocks_compile_to_less_memory_than_autodiff(monkeypatch):
         @nn.compact
         def __call__(self, x, temb):
             for _ in range(4):
-                x = layers.ResnetBlock(64, num_groups=8)(x, temb)
+                x = layers.ResnetBlock(64, num_groups=8, kernels="fast_cpu")(x, temb)
             return x
 
     x, temb = jnp.ones((16, 16, 16, 64)), jnp.ones((16, 32))

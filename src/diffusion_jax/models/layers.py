@@ -4,99 +4,109 @@ Layout is NHWC. Parameters are float32; `dtype` is the compute dtype. Sub-module
 diffusers' UNet2DModel (norm1, conv1, time_emb_proj, to_q, ...) so its weights map one-to-one.
 Initialisation follows the original DDPM code: variance_scaling(1, fan_avg, uniform) kernels,
 zero biases, and zero-initialised last layers of every residual branch.
+
+The layers are Flax's nn.Conv, nn.Dense, nn.GroupNorm, nn.Dropout and nn.swish. Each block's
+`kernels` field (KERNELS) may swap in the CPU kernels of models/fast_cpu for them, in one place,
+`layer_kinds`; the parameters (names, shapes, dtypes) are the same under every setting.
 """
 
 import math
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffusion_jax.models import norm
-from diffusion_jax.models.conv import conv_general_dilated, dense_dot_general
+from diffusion_jax.models import fast_cpu
 
 NORM_EPS = 1e-6
 DOWNSAMPLE_PADDINGS = {"same": ((0, 1), (0, 1)), "symmetric": ((1, 1), (1, 1))}
+
+# model.kernels: which implementation computes the convolutions, dense layers, GroupNorms and
+# dropouts. The parameters are the same under each, so a checkpoint loads under any of them.
+KERNELS = {
+    "auto": "fast_cpu where the program is lowered for CPU and the model computes in float32; "
+    "xla elsewhere (chosen per platform when the program is lowered)",
+    "xla": "plain Flax layers: grad, jvp, jacfwd, vmap and every other transformation work",
+    "fast_cpu": "the float32 CPU kernels of models/fast_cpu (Winograd 3x3 convolutions, matmul "
+    "1x1 convolutions and dense layers, GroupNorm with an input-only gradient, bit-packed "
+    "dropout masks): faster training on CPU, reverse-mode autodiff only",
+}
 
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
 
-def conv3x3(features, dtype, name, strides=1, padding=((1, 1), (1, 1)), kernel_init=default_init):
+def check_kernels(kernels) -> None:
+    """Raise ValueError unless `kernels` is a key of KERNELS."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r}; allowed: {', '.join(map(repr, KERNELS))}")
+
+
+class LayerKinds(NamedTuple):
+    """How each kind of layer is computed; every kind has Flax's parameters."""
+
+    conv_general_dilated: Callable  # nn.Conv's field of that name
+    dot_general: Callable  # nn.Dense's field of that name
+    group_norm: Callable  # (num_groups, dtype, name, act) -> a function of x
+    dropout: Callable  # rate -> a module called as (x, deterministic)
+
+
+def _flax_group_norm(num_groups, dtype, name, act=False):
+    norm = nn.GroupNorm(num_groups, epsilon=NORM_EPS, dtype=dtype, name=name)
+    return (lambda x: nn.swish(norm(x))) if act else norm
+
+
+def _fast_group_norm(num_groups, dtype, name, act=False, only_on_cpu=False):
+    return fast_cpu.GroupNorm(num_groups, NORM_EPS, act, dtype, only_on_cpu, name=name)
+
+
+FLAX_LAYERS = LayerKinds(lax.conv_general_dilated, lax.dot_general, _flax_group_norm, nn.Dropout)
+FAST_CPU_LAYERS = LayerKinds(
+    fast_cpu.conv_general_dilated, fast_cpu.dense_dot_general, _fast_group_norm, fast_cpu.Dropout
+)
+# "auto" in float32: the fast kernels, chosen when the program is lowered for CPU.
+FAST_ON_CPU_LAYERS = LayerKinds(
+    fast_cpu.on_cpu(fast_cpu.conv_general_dilated, lax.conv_general_dilated),
+    fast_cpu.on_cpu(fast_cpu.dense_dot_general, lax.dot_general),
+    partial(_fast_group_norm, only_on_cpu=True),
+    partial(fast_cpu.Dropout, only_on_cpu=True),
+)
+
+
+def layer_kinds(kernels: str, dtype) -> LayerKinds:
+    """The layers that `kernels` (KERNELS) selects for the compute dtype `dtype`. "auto" takes
+    the fast kernels only in float32: in bfloat16 they would keep XLA's convolutions anyway."""
+    check_kernels(kernels)
+    if kernels == "fast_cpu":
+        return FAST_CPU_LAYERS
+    if kernels == "auto" and jnp.dtype(dtype) == jnp.float32:
+        return FAST_ON_CPU_LAYERS
+    return FLAX_LAYERS
+
+
+def conv(kinds, features, kernel_size, dtype, name, kernel_init=default_init, **kwargs):
+    """nn.Conv (stride 1, padding 1 per side unless given) computed as `kinds` says."""
+    kwargs.setdefault("padding", ((1, 1), (1, 1)) if kernel_size == 3 else ((0, 0), (0, 0)))
     return nn.Conv(
         features,
-        (3, 3),
-        strides=strides,
-        padding=padding,
+        (kernel_size, kernel_size),
         dtype=dtype,
         kernel_init=kernel_init,
         name=name,
-        conv_general_dilated=conv_general_dilated,
+        conv_general_dilated=kinds.conv_general_dilated,
+        **kwargs,
     )
 
 
-def dense(features, dtype, name, kernel_init=default_init):
+def dense(kinds, features, dtype, name, kernel_init=default_init):
+    """nn.Dense computed as `kinds` says."""
     return nn.Dense(
-        features, dtype=dtype, kernel_init=kernel_init, name=name, dot_general=dense_dot_general
+        features, dtype=dtype, kernel_init=kernel_init, name=name, dot_general=kinds.dot_general
     )
-
-
-class GroupNorm(nn.Module):
-    """nn.GroupNorm's parameters (scale, bias) and values, then swish when `act`; the gradient
-    keeps only the input (models/norm.py)."""
-
-    num_groups: int
-    act: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        return norm.group_norm(x, scale, bias, self.num_groups, NORM_EPS, self.act, self.dtype)
-
-
-def group_norm(num_groups, dtype, name, act=False):
-    return GroupNorm(num_groups, act=act, dtype=dtype, name=name)
-
-
-def pack_bits(mask) -> jax.Array:
-    """Boolean array -> uint8 array of ceil(size / 8) bytes; element i is bit i % 8 of byte
-    i // 8."""
-    flat = mask.reshape(-1)
-    flat = jnp.pad(flat, (0, -flat.size % 8)).reshape(-1, 8).astype(jnp.uint8)
-    return (flat << jnp.arange(8, dtype=jnp.uint8)).sum(1, dtype=jnp.uint8)
-
-
-def unpack_bits(packed, shape) -> jax.Array:
-    """Inverse of pack_bits: the boolean array of `shape`."""
-    bits = (packed[:, None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-    return bits.reshape(-1)[: math.prod(shape)].reshape(shape).astype(bool)
-
-
-class Dropout(nn.Module):
-    """flax's nn.Dropout (the same mask from the same rng, the same values) whose mask goes
-    through pack_bits, so the backward pass keeps it at 1 bit per element: with nn.Dropout XLA
-    keeps the uint32 random bits instead (32 bits per element; 1.0 GiB of the CIFAR-10 train
-    step's peak at batch 128, experiments/PERFORMANCE.md). The packing is a reduction, which XLA
-    does not duplicate into its consumers the way it did the comparison of bits with the
-    threshold."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool):
-        if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"Dropout: rate={self.rate}; must be in [0, 1)")
-        if self.rate == 0.0 or deterministic:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
-        mask = unpack_bits(pack_bits(mask), x.shape)
-        return lax.select(mask, x / keep, jnp.zeros_like(x))
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -123,11 +133,13 @@ class TimestepEmbedding(nn.Module):
 
     features: int
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, emb):
-        emb = nn.swish(dense(self.features, self.dtype, "linear_1")(emb))
-        return dense(self.features, self.dtype, "linear_2")(emb)
+        kinds = layer_kinds(self.kernels, self.dtype)
+        emb = nn.swish(dense(kinds, self.features, self.dtype, "linear_1")(emb))
+        return dense(kinds, self.features, self.dtype, "linear_2")(emb)
 
 
 class ResnetBlock(nn.Module):
@@ -138,25 +150,21 @@ class ResnetBlock(nn.Module):
     dropout: float = 0.0
     num_groups: int = 32
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False):
-        h = group_norm(self.num_groups, self.dtype, "norm1", act=True)(x)
-        h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
-        temb = dense(self.out_channels, self.dtype, "time_emb_proj")(nn.swish(temb))
+        kinds = layer_kinds(self.kernels, self.dtype)
+        c = self.out_channels
+        h = kinds.group_norm(self.num_groups, self.dtype, "norm1", act=True)(x)
+        h = conv(kinds, c, 3, self.dtype, "conv1")(h)
+        temb = dense(kinds, c, self.dtype, "time_emb_proj")(nn.swish(temb))
         h = h + temb[:, None, None, :]
-        h = group_norm(self.num_groups, self.dtype, "norm2", act=True)(h)
-        h = Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(self.out_channels, self.dtype, "conv2", kernel_init=zero_init)(h)
-        if x.shape[-1] != self.out_channels:
-            x = nn.Conv(
-                self.out_channels,
-                (1, 1),
-                dtype=self.dtype,
-                kernel_init=default_init,
-                name="conv_shortcut",
-                conv_general_dilated=conv_general_dilated,
-            )(x)
+        h = kinds.group_norm(self.num_groups, self.dtype, "norm2", act=True)(h)
+        h = kinds.dropout(self.dropout)(h, deterministic=not train)
+        h = conv(kinds, c, 3, self.dtype, "conv2", kernel_init=zero_init)(h)
+        if x.shape[-1] != c:
+            x = conv(kinds, c, 1, self.dtype, "conv_shortcut")(x)
         return x + h
 
 
@@ -167,19 +175,21 @@ class AttentionBlock(nn.Module):
     num_heads: int = 1
     num_groups: int = 32
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x):
+        kinds = layer_kinds(self.kernels, self.dtype)
         b, height, width, c = x.shape
         if c % self.num_heads:
             raise ValueError(
                 f"AttentionBlock: num_heads={self.num_heads} does not divide the {c} channels"
             )
-        h = group_norm(self.num_groups, self.dtype, "group_norm")(x)
+        h = kinds.group_norm(self.num_groups, self.dtype, "group_norm")(x)
         h = h.reshape(b, height * width, c)
 
         def proj(name, kernel_init=default_init):
-            return dense(c, self.dtype, name, kernel_init)
+            return dense(kinds, c, self.dtype, name, kernel_init)
 
         shape = (b, height * width, self.num_heads, c // self.num_heads)
         q = proj("to_q")(h).reshape(shape)
@@ -201,6 +211,7 @@ class Downsample(nn.Module):
     with_conv: bool = True
     padding: str = "same"
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -211,7 +222,8 @@ class Downsample(nn.Module):
                 f"Downsample: padding={self.padding!r}; allowed: {sorted(DOWNSAMPLE_PADDINGS)}"
             )
         pad = DOWNSAMPLE_PADDINGS[self.padding]
-        return conv3x3(x.shape[-1], self.dtype, "conv", strides=2, padding=pad)(x)
+        kinds = layer_kinds(self.kernels, self.dtype)
+        return conv(kinds, x.shape[-1], 3, self.dtype, "conv", strides=2, padding=pad)(x)
 
 
 class Upsample(nn.Module):
@@ -219,6 +231,7 @@ class Upsample(nn.Module):
 
     with_conv: bool = True
     dtype: Any = jnp.float32
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -226,5 +239,5 @@ class Upsample(nn.Module):
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, height, 2, width, 2, c))
         x = x.reshape(b, 2 * height, 2 * width, c)
         if self.with_conv:
-            x = conv3x3(c, self.dtype, "conv")(x)
+            x = conv(layer_kinds(self.kernels, self.dtype), c, 3, self.dtype, "conv")(x)
         return x

@@ -16,13 +16,14 @@ import numpy as np
 
 from diffusion_jax.models.layers import (
     DOWNSAMPLE_PADDINGS,
+    KERNELS,
     AttentionBlock,
     Downsample,
     ResnetBlock,
     TimestepEmbedding,
     Upsample,
-    conv3x3,
-    group_norm,
+    conv,
+    layer_kinds,
     timestep_embedding,
     zero_init,
 )
@@ -44,22 +45,36 @@ class DownBlock(nn.Module):
     resamp_with_conv: bool
     downsample_padding: str
     dtype: Any
+    kernels: str
 
     @nn.compact
     def __call__(self, h, temb, train):
         skips = []
         for j in range(self.num_res_blocks):
             h = ResnetBlock(
-                self.out_channels, self.dropout, self.num_groups, self.dtype, name=f"resnets_{j}"
+                self.out_channels,
+                self.dropout,
+                self.num_groups,
+                self.dtype,
+                self.kernels,
+                name=f"resnets_{j}",
             )(h, temb, train)
             if self.use_attn:
                 h = AttentionBlock(
-                    self.num_heads, self.num_groups, self.dtype, name=f"attentions_{j}"
+                    self.num_heads,
+                    self.num_groups,
+                    self.dtype,
+                    self.kernels,
+                    name=f"attentions_{j}",
                 )(h)
             skips.append(h)
         if self.add_downsample:
             h = Downsample(
-                self.resamp_with_conv, self.downsample_padding, self.dtype, name="downsamplers_0"
+                self.resamp_with_conv,
+                self.downsample_padding,
+                self.dtype,
+                self.kernels,
+                name="downsamplers_0",
             )(h)
             skips.append(h)
         return h, skips
@@ -72,17 +87,17 @@ class MidBlock(nn.Module):
     num_groups: int
     num_heads: int
     dtype: Any
+    kernels: str
 
     @nn.compact
     def __call__(self, h, temb, train):
         c = h.shape[-1]
-        h = ResnetBlock(c, self.dropout, self.num_groups, self.dtype, name="resnets_0")(
-            h, temb, train
-        )
-        h = AttentionBlock(self.num_heads, self.num_groups, self.dtype, name="attentions_0")(h)
-        return ResnetBlock(c, self.dropout, self.num_groups, self.dtype, name="resnets_1")(
-            h, temb, train
-        )
+        resnet = (c, self.dropout, self.num_groups, self.dtype, self.kernels)
+        h = ResnetBlock(*resnet, name="resnets_0")(h, temb, train)
+        h = AttentionBlock(
+            self.num_heads, self.num_groups, self.dtype, self.kernels, name="attentions_0"
+        )(h)
+        return ResnetBlock(*resnet, name="resnets_1")(h, temb, train)
 
 
 class UpBlock(nn.Module):
@@ -97,20 +112,30 @@ class UpBlock(nn.Module):
     num_heads: int
     resamp_with_conv: bool
     dtype: Any
+    kernels: str
 
     @nn.compact
     def __call__(self, h, skips, temb, train):
         for j, skip in enumerate(reversed(skips)):
             h = jnp.concatenate([h, skip], axis=-1)
             h = ResnetBlock(
-                self.out_channels, self.dropout, self.num_groups, self.dtype, name=f"resnets_{j}"
+                self.out_channels,
+                self.dropout,
+                self.num_groups,
+                self.dtype,
+                self.kernels,
+                name=f"resnets_{j}",
             )(h, temb, train)
             if self.use_attn:
                 h = AttentionBlock(
-                    self.num_heads, self.num_groups, self.dtype, name=f"attentions_{j}"
+                    self.num_heads,
+                    self.num_groups,
+                    self.dtype,
+                    self.kernels,
+                    name=f"attentions_{j}",
                 )(h)
         if self.add_upsample:
-            h = Upsample(self.resamp_with_conv, self.dtype, name="upsamplers_0")(h)
+            h = Upsample(self.resamp_with_conv, self.dtype, self.kernels, name="upsamplers_0")(h)
         return h
 
 
@@ -146,6 +171,11 @@ def check_unet_fields(m: "UNet") -> None:
         raise ValueError(f"UNet: dropout={m.dropout!r}; must be in [0, 1)")
     if not isinstance(m.resamp_with_conv, bool):
         raise ValueError(f"UNet: resamp_with_conv={m.resamp_with_conv!r}; must be True or False")
+    if m.kernels not in KERNELS:
+        raise ValueError(
+            f"UNet: kernels={m.kernels!r}; allowed: {', '.join(map(repr, KERNELS))} "
+            "(models/layers.py KERNELS says what each computes)"
+        )
     if m.dtype not in DTYPES:
         raise ValueError(f"UNet: dtype={m.dtype!r}; allowed: {', '.join(map(repr, DTYPES))}")
     if m.downsample_padding not in DOWNSAMPLE_PADDINGS:
@@ -197,8 +227,9 @@ class UNet(nn.Module):
     num_head_channels, overriding num_heads), num_classes (> 0: class embedding of num_classes + 1
     entries added to the time embedding; label num_classes is the null label for classifier-free
     guidance), cond_channels (> 0: an image `cond_image` concatenated to x on channels, e.g. SR3's
-    upsampled low-resolution input), dtype ("float32" or "bfloat16" compute; params float32).
-    Fields are checked when the module is constructed.
+    upsampled low-resolution input), dtype ("float32" or "bfloat16" compute; params float32),
+    kernels (how the layers are computed: "auto", "xla" or "fast_cpu", see layers.KERNELS; the
+    parameters are the same under each). Fields are checked when the module is constructed.
     """
 
     ch: int
@@ -217,6 +248,7 @@ class UNet(nn.Module):
     num_classes: int = 0
     cond_channels: int = 0
     dtype: str = "float32"
+    kernels: str = "auto"
 
     def __post_init__(self):
         check_unet_fields(self)
@@ -270,7 +302,8 @@ class UNet(nn.Module):
         levels = len(self.ch_mult)
         temb_dim = 4 * self.ch
 
-        temb = TimestepEmbedding(temb_dim, dtype, name="time_embedding")(
+        kinds = layer_kinds(self.kernels, dtype)
+        temb = TimestepEmbedding(temb_dim, dtype, self.kernels, name="time_embedding")(
             timestep_embedding(t, self.ch)
         )
         if self.num_classes:
@@ -280,7 +313,7 @@ class UNet(nn.Module):
         if self.cond_channels:
             x = jnp.concatenate([x, cond_image], axis=-1)
 
-        h = conv3x3(self.ch, dtype, "conv_in")(x)
+        h = conv(kinds, self.ch, 3, dtype, "conv_in")(x)
         skips = [h]
         for i, (mult, size) in enumerate(zip(self.ch_mult, self.resolutions, strict=True)):
             width = self.ch * mult
@@ -295,6 +328,7 @@ class UNet(nn.Module):
                 resamp_with_conv=self.resamp_with_conv,
                 downsample_padding=self.downsample_padding,
                 dtype=dtype,
+                kernels=self.kernels,
                 name=f"down_blocks_{i}",
             )(h, temb, train)
             skips.extend(block_skips)
@@ -304,6 +338,7 @@ class UNet(nn.Module):
             self.num_groups,
             self._heads(h.shape[-1]),
             dtype,
+            self.kernels,
             name="mid_block",
         )(h, temb, train)
 
@@ -321,10 +356,11 @@ class UNet(nn.Module):
                 num_heads=self._heads(width),
                 resamp_with_conv=self.resamp_with_conv,
                 dtype=dtype,
+                kernels=self.kernels,
                 name=f"up_blocks_{i}",
             )(h, block_skips, temb, train)
 
-        h = group_norm(self.num_groups, dtype, "conv_norm_out", act=True)(h)
+        h = kinds.group_norm(self.num_groups, dtype, "conv_norm_out", act=True)(h)
         out_channels = self.out_channels or self.in_channels
-        h = conv3x3(out_channels, dtype, "conv_out", kernel_init=zero_init)(h)
+        h = conv(kinds, out_channels, 3, dtype, "conv_out", kernel_init=zero_init)(h)
         return h.astype(jnp.float32)

@@ -1,19 +1,17 @@
-"""GroupNorm, optionally followed by swish, with a gradient that keeps only the input.
+"""GroupNorm, optionally followed by swish, for model.kernels='fast_cpu': a gradient that keeps
+only the input.
 
 y = (x - mean_g) * rsqrt(var_g + eps) * scale + bias, out = y * sigmoid(y) when `act`, with
 mean_g and var_g over each (sample, group of C / G channels), in float32 as flax's nn.GroupNorm
 computes them (var_g = E[x^2] - E[x]^2, clipped at 0). Autodiff of that composition saves
 about four image-sized float32 tensors per layer for the backward pass (x - mean, the
 normalised x, y and sigmoid(y)); the custom gradient here saves x and the per-group mean and
-rsqrt(var + eps) and recomputes the rest, which for the DDPM CIFAR-10 UNet at batch 128 is
-several GiB of the train step's peak memory (experiments/PERFORMANCE.md).
+rsqrt(var + eps) and recomputes the rest. Reverse mode only (forward_mode.py).
 
-GroupNorm's sums (`_sum`) of up to 2^18 elements stay in XLA's own reduction loops on CPU.
-XLA:CPU hands every reduce whose reducer is a lone add to YNNPACK, which ran GroupNorm's sums
-over the middle axes of (B, HW, G, C / G) slowly at small sizes: GroupNorm forward and backward
-alone ran 3x faster at (64, 8, 8, 32) in XLA's loops, and the digits train step 1.15x
-(experiments/PERFORMANCE.md). YNNPACK runs a large sum on both cores: all of the CIFAR-10 step's
-GroupNorm sums in XLA's loops made its batch-32 step 0.96x as fast, hence the size limit.
+GroupNorm's sums (`_sum`) of up to XLA_SUM_MAX_ELEMENTS elements stay in XLA's own reduction
+loops on CPU: XLA:CPU hands every reduce whose reducer is a lone add to YNNPACK, which runs
+GroupNorm's small sums over the middle axes of (B, HW, G, C / G) slowly, while for large sums
+it is the faster. Measurements: experiments/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from diffusion_jax.models.fast_cpu.forward_mode import reverse_mode_only
 
 
 def _grouped(x, groups: int):
@@ -70,10 +70,18 @@ def _pre_activation(xg, mean, rstd, scale, bias):
     return (xg - mean) * (rstd * scale) + bias
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def group_norm(x, scale, bias, groups: int, eps: float, act: bool, dtype):
     """GroupNorm of NHWC (or any N...C) x over `groups` channel groups, then swish if `act`;
-    the result has `dtype`. scale and bias have shape (C,)."""
+    the result has `dtype`. scale and bias have shape (C,). Reverse-mode autodiff only."""
+
+    def f(x, scale, bias):
+        return _group_norm(x, scale, bias, groups, eps, act, dtype)
+
+    return reverse_mode_only(f)(x, scale, bias)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm(x, scale, bias, groups: int, eps: float, act: bool, dtype):
     out, _ = _group_norm_fwd(x, scale, bias, groups, eps, act, dtype)
     return out
 
@@ -118,4 +126,4 @@ def _group_norm_bwd(groups, eps, act, dtype, residuals, g):
     )
 
 
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)

@@ -1,14 +1,5 @@
-"""Convolution for the UNet's layers: `lax.conv_general_dilated`, with faster 3x3 and 1x1
-convolutions on CPU.
-
-For a stride-1 "same" convolution with a k x k kernel (k odd: the UNet's 3x3 and 1x1 convs),
-the kernel gradient is dW[i, j] = sum over (b, h, w) of x[b, h, w]^T dy[b, h - i + p, w - j + p]
-(p = k // 2, dy zero outside the image): k * k matrix products contracting over B*H*W. XLA:CPU
-lowers the same gradient as a convolution whose window is the whole image: on the AVX2 machine
-of the first measurements 4 GFLOP/s against 44 as matmuls for a 3x3 kernel at batch 32 on
-32x32x128 (experiments/PERFORMANCE.md); on an AVX-512 machine 92-160 against 79-178 by shape,
-and the train step was 0.97-0.99x as fast with it, so the matmuls stay. On other backends, and
-for every other convolution, XLA's own gradient is used unchanged.
+"""Convolutions and dense layers for model.kernels='fast_cpu': drop-ins for
+`lax.conv_general_dilated` and `lax.dot_general` with faster float32 CPU kernels.
 
 On CPU the forward pass and both gradients of a float32 stride-1 same 3x3 convolution are
 Winograd's F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks",
@@ -18,21 +9,20 @@ and output transforms are sums of shifted, strided slices that XLA fuses into a 
 memory, and the 36 products are one batched matmul. Both gradients run the same algorithm
 backwards (`winograd_grads`): one transposed output transform of dy, dx's products with the
 forward's kernel transform and dW's contracting over the tiles (`_tile_grads`), then the input
-and kernel transforms transposed. The transposes are written by hand: JAX's autodiff of the
-strided slices pads each of the six slices to the image's size and sums them, where
-`_overlap_add` writes each element once. (dx as the Winograd convolution of dy with the flipped
-kernel, which costs a second kernel transform and a second input transform, made the CIFAR-10
-train step 4% slower.) The float32 rounding error is
-larger than a direct convolution's (the transforms' coefficients reach 8 and 1/24): in rms 6-8x
-for the output, 4.8x for the input gradient, 3.5x for the kernel gradient (tests/test_conv.py
-states the bound).
-bfloat16, every other backend, and any trace under `jax.default_matmul_precision("highest")`
-(or JAX_DEFAULT_MATMUL_PRECISION=highest) keep XLA's direct convolution and, on CPU, the kernel
-gradient as k * k matmuls.
+and kernel transforms transposed by hand (`_overlap_add` writes each element once, where
+autodiff's transpose of the strided slices pads each slice to the image's size). The float32
+rounding error is larger than a direct convolution's (the transforms' coefficients reach 8 and
+1/24; tests/test_conv.py states the bound).
 
-A 1x1 stride-1 convolution is a matrix product over channels, and becomes one (`pointwise_conv`,
-forward and both gradients by autodiff of dot_general): XLA:CPU ran it as a convolution at 33
-GFLOP/s against 166 as a matmul at batch 32 on 32x32x128 (AVX-512 EPYC, scratch microbenchmark).
+bfloat16, every other backend, and any trace under `jax.default_matmul_precision("highest")`
+(or JAX_DEFAULT_MATMUL_PRECISION=highest) keep XLA's direct convolution; on CPU its kernel
+gradient is k * k matrix products contracting over B*H*W (`kernel_grad_by_matmul`), which
+XLA:CPU runs faster than the convolution with an image-sized window it lowers that gradient to.
+A 1x1 stride-1 convolution and a dense layer are the matrix product over channels they are
+(`channel_matmul`), with gradients as row-major matmuls.
+
+Every kernel here has a custom VJP: reverse-mode autodiff only (forward_mode.py says why and
+what forward mode raises). Measurements behind each choice: experiments/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -41,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from diffusion_jax.models.fast_cpu.forward_mode import reverse_mode_only
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -96,7 +88,7 @@ def _batched_matmul(a, b):
 
 def _with_grads(forward, cpu_grads, default_grads=None):
     """forward(x, w), with the VJP cpu_grads(x, w, dy) on CPU and default_grads(x, w, dy) on other
-    backends (cpu_grads on every backend if default_grads is None)."""
+    backends (cpu_grads on every backend if default_grads is None); reverse mode only."""
 
     def grads(res, dy):
         if default_grads is None:
@@ -105,15 +97,14 @@ def _with_grads(forward, cpu_grads, default_grads=None):
 
     f = jax.custom_vjp(forward)
     f.defvjp(lambda x, w: (forward(x, w), (x, w)), grads)
-    return f
+    return reverse_mode_only(f)
 
 
 def _tile_grads(v, u, dm):
     """(dv, du) of m = v @ u: dv = dm u^T, and du = v^T dm with v transposed explicitly: XLA:CPU
-    gives YNNPACK only dots whose left operand contracts its last axis; autodiff's du contracts
-    v's tiles axis and ran in XLA's own dot. With v transposed (the barrier keeps XLA from
-    folding the transpose back into the dot): train step 1.045x (digits, batch 64), 1.019x
-    (CIFAR-10, batch 8), 1.002x (batch 32) in same-process A/Bs."""
+    gives YNNPACK only dots whose left operand contracts its last axis, and autodiff's du
+    contracts v's tiles axis (the barrier keeps XLA from folding the transpose back into the
+    dot)."""
     dv = lax.dot_general(dm, u, (((2,), (2,)), ((0,), (0,))))
     vt = lax.optimization_barrier(jnp.swapaxes(v, 1, 2))
     return dv, _batched_matmul(vt, dm)
@@ -204,9 +195,8 @@ def output_transform_transpose(dy):
 
 
 def winograd_grads(x, w, dy):
-    """(dx, dW) of winograd_conv3x3: the transforms transposed by hand (1.27-1.44x faster than
-    autodiff's transposes for the backward at the UNets' shapes; scratch microbenchmark), the
-    products as _tile_grads, dW = (G kron G)^T du."""
+    """(dx, dW) of winograd_conv3x3: the transforms transposed by hand, the products as
+    _tile_grads, dW = (G kron G)^T du."""
     c, d = w.shape[2:]
     dv, du = _tile_grads(input_transform(x), kernel_transform(w), output_transform_transpose(dy))
     dw = jnp.matmul(WINOGRAD_GG.T.astype(w.dtype), du.reshape(36, c * d)).reshape(3, 3, c, d)
@@ -227,8 +217,8 @@ def kernel_grad_by_matmul(x, dy, k: int):
     b, h, w, c = x.shape
     d = dy.shape[-1]
     p = k // 2
-    # x transposed once: (C, BHW) @ (BHW, D) ran 1.3-1.9x faster than contracting both operands
-    # on their first axis (scratch microbenchmark); the train step gained 1.03-1.05x.
+    # x transposed once: XLA:CPU runs (C, BHW) @ (BHW, D) faster than a product contracting
+    # both operands on their first axis.
     xt = x.reshape(b * h * w, c).T
     dyp = jnp.pad(dy, ((0, 0), (p, p), (p, p), (0, 0)))
     shifted = [
@@ -315,10 +305,9 @@ def _autodiff_channel_grads(x, w, dy):
 
 def _cpu_channel_grads(x, w, dy):
     """dx = dy w^T and dW = x^T dy as row-major matmuls: XLA:CPU gives YNNPACK only dots whose
-    left operand contracts its last axis and whose right one contracts its first; autodiff's
-    contract x's rows and w's columns and ran in XLA's own dot. Transposing x and w first (the
-    barrier keeps XLA from folding the transposes back): fwd+bwd 1.05-1.4x at the UNets' shapes
-    (scratch microbenchmark)."""
+    left operand contracts its last axis and whose right one contracts its first, and autodiff's
+    contract x's rows and w's columns; so x and w are transposed first (the barrier keeps XLA
+    from folding the transposes back)."""
     c, d = w.shape
     x2, dy2 = x.reshape(-1, c), dy.reshape(-1, d)
     xt, wt = lax.optimization_barrier((x2.T, w.T))
