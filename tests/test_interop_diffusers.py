@@ -182,6 +182,22 @@ def test_class_conditional_import_matches_diffusers(tmp_path):
     assert max_difference(unconditional, model, params, 6, torch.full((6,), 5)) <= TOLERANCE
 
 
+def test_workdir_config_builds_the_imported_network():
+    from diffusion_jax.interop.diffusers import (
+        DEFAULT_BASE_CONFIG,
+        _load_config_file,
+        workdir_config,
+    )
+    from diffusion_jax.models import create_model
+    from diffusion_jax.training import model_config
+
+    unet = unet_config_from_diffusers(EXAMPLE)
+    config = workdir_config(unet, _load_config_file(DEFAULT_BASE_CONFIG), "cifar10")
+    imported = create_model(unet)
+    assert create_model(model_config(config)) == imported
+    assert (imported.norm_eps, imported.flip_sin_to_cos, imported.freq_shift) == (1e-5, True, 0)
+
+
 def test_class_conditional_import_is_refused_as_a_workdir(tmp_path):
     from diffusion_jax.cli import UserError
     from diffusion_jax.interop.diffusers import import_to_workdir
