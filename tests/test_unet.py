@@ -101,6 +101,13 @@ def test_timestep_embedding_closed_form():
     np.testing.assert_allclose(timestep_embedding(t, dim), expected, atol=1e-4)
     np.testing.assert_array_equal(timestep_embedding(t, dim), timestep_embedding(t * 1.0, dim))
     assert timestep_embedding(t, 9).shape == (3, 9)
+    # diffusers' UNet2DModel defaults: frequencies 10000 ** (-i / half), cos first.
+    args = np.array([0.0, 1.0, 999.0])[:, None] * np.exp(-np.log(10000.0) * np.arange(half) / half)
+    expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    got = timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    with pytest.raises(ValueError, match=r"dim=8 with freq_shift=4; need dim // 2 > freq_shift"):
+        timestep_embedding(t, dim, freq_shift=4)
 
 
 def test_output_depends_on_t():
@@ -169,6 +176,11 @@ def test_image_conditioning_changes_output():
         (dict(num_heads=3), r"num_heads=3 does not divide the 32 channels"),
         (dict(num_head_channels=24), r"num_head_channels=24 does not divide"),
         (dict(num_classes=-1), r"num_classes=-1"),
+        (dict(norm_eps=0.0), r"norm_eps=0.0; must be a positive number"),
+        (dict(norm_eps="1e-5"), r"norm_eps='1e-5'; must be a positive number"),
+        (dict(flip_sin_to_cos=1), r"flip_sin_to_cos=1; must be True or False"),
+        (dict(freq_shift=8), r"freq_shift=8; must be a number below ch // 2 = 8"),
+        (dict(freq_shift=None), r"freq_shift=None; must be a number below"),
         (dict(name="resnet"), r"name='resnet'; allowed: 'unet'"),
         (dict(chmult=(1, 2)), r"unknown field\(s\) \['chmult'\]"),
     ],

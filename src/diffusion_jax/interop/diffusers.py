@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 
 from diffusion_jax import checkpointing, cli, training
 from diffusion_jax.models import create_model
+from diffusion_jax.models.layers import NORM_EPS
 from diffusion_jax.validation import validate_config
 
 CONFIG_FILE = "config.json"
@@ -67,18 +68,14 @@ DIFFUSERS_DEFAULTS = {
 _FIXED = {
     "center_input_sample": (False,),
     "time_embedding_type": ("positional",),
-    "freq_shift": (1,),
-    "flip_sin_to_cos": (False,),
     "mid_block_type": ("UNetMidBlock2D",),
     "mid_block_scale_factor": (1,),
     "downsample_type": ("conv",),
     "upsample_type": ("conv",),
     "act_fn": ("silu", "swish"),
-    "norm_eps": (1e-6,),
     "resnet_time_scale_shift": ("default",),
     "add_attention": (True,),
     "class_embed_type": (None,),
-    "num_class_embeds": (None,),
 }
 _DOWNSAMPLE_PADDING = {0: "same", 1: "symmetric"}
 _ATTN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}
@@ -86,6 +83,10 @@ _UP_ATTN_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # Module lists in the diffusers state dict ("down_blocks.0" <-> our "down_blocks_0").
 _LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers")
 _LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+# Our class table has one row more than diffusers' num_class_embeds = K: row K, the null label
+# of classifier-free guidance, which the imported model never learnt. It is imported as zeros,
+# so the null label adds nothing to the time embedding; labels 0..K-1 are diffusers' own.
+_CLASS_TABLE = ("class_embedding", "embedding")
 
 
 def unet_config_from_diffusers(cfg: Mapping) -> dict:
@@ -166,6 +167,34 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
         raise ValueError(
             f"diffusers config: sample_size={size} is not divisible by 2**{len(widths) - 1}"
         )
+    eps, shift = c["norm_eps"], c["freq_shift"]
+    if not isinstance(c["flip_sin_to_cos"], bool):
+        raise ValueError(
+            f"diffusers config: flip_sin_to_cos={c['flip_sin_to_cos']!r}; allowed: True or False"
+        )
+    if not _is_number(eps) or not eps > 0:
+        raise ValueError(f"diffusers config: norm_eps={eps!r}; allowed: a positive number")
+    if not _is_number(shift) or not shift < ch // 2:
+        raise ValueError(
+            f"diffusers config: freq_shift={shift!r}; allowed: a number below "
+            f"block_out_channels[0] // 2 ({ch // 2})"
+        )
+    head_dim = c["attention_head_dim"]
+    # UNet2DModel gives each attention block of C channels C // attention_head_dim heads of
+    # attention_head_dim channels (one head of C when None); the mid block always attends.
+    attn_widths = sorted({w for w, a in zip(widths, down_attn, strict=True) if a} | {widths[-1]})
+    if head_dim is not None and (
+        not _is_int(head_dim) or head_dim <= 0 or any(w % head_dim for w in attn_widths)
+    ):
+        raise ValueError(
+            f"diffusers config: attention_head_dim={head_dim!r} is not supported; allowed: None "
+            f"or a positive integer dividing the widths of the attention blocks {attn_widths}"
+        )
+    classes = c["num_class_embeds"]
+    if classes is not None and (not _is_int(classes) or classes <= 0):
+        raise ValueError(
+            f"diffusers config: num_class_embeds={classes!r}; allowed: None or a positive integer"
+        )
     return {
         "name": "unet",
         "ch": ch,
@@ -179,9 +208,22 @@ def unet_config_from_diffusers(cfg: Mapping) -> dict:
         "resamp_with_conv": True,
         "downsample_padding": _DOWNSAMPLE_PADDING[c["downsample_padding"]],
         "num_groups": c["norm_num_groups"],
+        "norm_eps": float(eps),
         "num_heads": 1,
-        "num_head_channels": c["attention_head_dim"],
+        "num_head_channels": head_dim,
+        "flip_sin_to_cos": c["flip_sin_to_cos"],
+        "freq_shift": float(shift),
+        # The imported class table gains a zero null-label row (see convert_unet2d_state_dict).
+        "num_classes": classes or 0,
     }
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def diffusers_config_from_unet(model_cfg: Mapping) -> dict:
@@ -222,9 +264,9 @@ def diffusers_config_from_unet(model_cfg: Mapping) -> dict:
         "layers_per_block": cfg["num_res_blocks"],
         "dropout": float(cfg.get("dropout", 0.0)),
         "norm_num_groups": cfg.get("num_groups", 32),
-        "norm_eps": 1e-6,
-        "freq_shift": 1,
-        "flip_sin_to_cos": False,
+        "norm_eps": cfg.get("norm_eps", NORM_EPS),
+        "freq_shift": cfg.get("freq_shift", 1.0),
+        "flip_sin_to_cos": cfg.get("flip_sin_to_cos", False),
         "attention_head_dim": head_channels,
         "downsample_padding": padding,
     }
@@ -273,7 +315,8 @@ def convert_unet2d_state_dict(tensors: Mapping[str, np.ndarray], abstract_params
     """diffusers UNet2DModel tensors -> our params tree shaped like `abstract_params`.
 
     Raises ValueError naming the tensor when one is missing, has the wrong shape, appears under
-    both its current and legacy name, or is not used.
+    both its current and legacy name, or is not used. The class table gains a zero row for the
+    null label (_CLASS_TABLE).
     """
     flat = traverse_util.flatten_dict(abstract_params)
     params, used, missing = {}, set(), []
@@ -290,11 +333,15 @@ def convert_unet2d_state_dict(tensors: Mapping[str, np.ndarray], abstract_params
         key = found[0]
         arr = np.asarray(tensors[key], dtype=np.float32)
         want = _torch_shape(leaf, tuple(expected.shape))
+        if path == _CLASS_TABLE:
+            want = (want[0] - 1, *want[1:])
         if arr.shape != want:
             raise ValueError(
                 f"diffusers weights: tensor {key!r} has shape {arr.shape}; the model built from "
                 f"config.json expects {want}"
             )
+        if path == _CLASS_TABLE:
+            arr = np.concatenate([arr, np.zeros_like(arr[:1])])
         params[path] = _to_flax(leaf, arr)
         used.add(key)
     if missing:
@@ -308,8 +355,9 @@ def convert_unet2d_state_dict(tensors: Mapping[str, np.ndarray], abstract_params
 def load_unet2d(path):
     """Load a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors).
 
-    Returns (model, params): apply as model.apply({"params": params}, x_nhwc, t). For a
-    pipeline folder pass its unet/ subfolder.
+    Returns (model, params): apply as model.apply({"params": params}, x_nhwc, t), adding
+    y=labels for a class-conditional model (num_class_embeds=K: labels 0..K-1 as in diffusers,
+    K the null label). For a pipeline folder pass its unet/ subfolder.
     """
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
@@ -321,11 +369,13 @@ def load_unet2d(path):
             )
     model = create_model(unet_config_from_diffusers(json.loads(config_file.read_text())))
     b, s = 1, model.image_size
+    labels = jax.ShapeDtypeStruct((b,), jnp.int32) if model.num_classes else None
     abstract = jax.eval_shape(
         model.init,
         jax.random.key(0),
         jax.ShapeDtypeStruct((b, s, s, model.in_channels), jnp.float32),
         jax.ShapeDtypeStruct((b,), jnp.int32),
+        y=labels,
     )["params"]
     params = convert_unet2d_state_dict(load_file(weights_file), abstract)
     return model, jax.tree.map(jnp.asarray, params)
@@ -345,8 +395,11 @@ _MODEL_FIELDS = (
     "resamp_with_conv",
     "downsample_padding",
     "num_groups",
+    "norm_eps",
     "num_heads",
     "num_head_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
 )
 
 
@@ -368,6 +421,11 @@ def workdir_config(unet: Mapping, config, dataset: str):
             f"the UNet outputs {unet['out_channels']} channels for {unet['in_channels']} input "
             "channels: only eps-prediction models with a fixed variance (equal counts) import "
             "as a DDPM workdir"
+        )
+    if unet["num_classes"]:
+        raise cli.UserError(
+            f"num_class_embeds={unet['num_classes']}: a class-conditional UNet imports in memory "
+            "(load_unet2d) but not as a workdir, since training configs take no class labels yet"
         )
     for field in _MODEL_FIELDS:
         config.model[field] = unet[field]

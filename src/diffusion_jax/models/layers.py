@@ -22,7 +22,7 @@ from jax import lax
 
 from diffusion_jax.models import fast_cpu
 
-NORM_EPS = 1e-6
+NORM_EPS = 1e-6  # GroupNorm's epsilon in the original DDPM code (diffusers' default is 1e-5)
 DOWNSAMPLE_PADDINGS = {"same": ((0, 1), (0, 1)), "symmetric": ((1, 1), (1, 1))}
 
 # model.kernels: which implementation computes the convolutions, dense layers, GroupNorms and
@@ -51,17 +51,17 @@ class LayerKinds(NamedTuple):
 
     conv_general_dilated: Callable  # nn.Conv's field of that name
     dot_general: Callable  # nn.Dense's field of that name
-    group_norm: Callable  # (num_groups, dtype, name, act) -> a function of x
+    group_norm: Callable  # (num_groups, epsilon, dtype, name, act) -> a function of x
     dropout: Callable  # rate -> a module called as (x, deterministic)
 
 
-def _flax_group_norm(num_groups, dtype, name, act=False):
-    norm = nn.GroupNorm(num_groups, epsilon=NORM_EPS, dtype=dtype, name=name)
+def _flax_group_norm(num_groups, epsilon, dtype, name, act=False):
+    norm = nn.GroupNorm(num_groups, epsilon=epsilon, dtype=dtype, name=name)
     return (lambda x: nn.swish(norm(x))) if act else norm
 
 
-def _fast_group_norm(num_groups, dtype, name, act=False, only_on_cpu=False):
-    return fast_cpu.GroupNorm(num_groups, NORM_EPS, act, dtype, only_on_cpu, name=name)
+def _fast_group_norm(num_groups, epsilon, dtype, name, act=False, only_on_cpu=False):
+    return fast_cpu.GroupNorm(num_groups, epsilon, act, dtype, only_on_cpu, name=name)
 
 
 FLAX_LAYERS = LayerKinds(lax.conv_general_dilated, lax.dot_general, _flax_group_norm, nn.Dropout)
@@ -109,20 +109,28 @@ def dense(kinds, features, dtype, name, kernel_init=default_init):
     )
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """Sinusoidal embedding of t (B,) -> (B, dim) float32, as in the original DDPM code.
+def timestep_embedding(
+    t, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0, max_period: float = 10000.0
+) -> jax.Array:
+    """Sinusoidal embedding of t (B,) -> (B, dim) float32: diffusers' get_timestep_embedding.
 
-    Equals diffusers' get_timestep_embedding with flip_sin_to_cos=False, downscale_freq_shift=1:
-    [sin(t * f_i), cos(t * f_i)] with f_i = max_period ** (-i / (dim // 2 - 1)), zero-padded
-    when dim is odd. t may be integer or float (a continuous noise level works the same way).
+    [sin(t * f_i), cos(t * f_i)] for i < half = dim // 2, with f_i = max_period ** (-i / (half -
+    freq_shift)); [cos, sin] when flip_sin_to_cos; zero-padded when dim is odd. The defaults
+    (freq_shift=1, sin first) are the original DDPM code's embedding; diffusers' UNet2DModel
+    defaults to freq_shift=0 and flip_sin_to_cos=True. t may be integer or float (a continuous
+    noise level works the same way).
     """
     half = dim // 2
-    if half < 2:
-        raise ValueError(f"timestep_embedding: dim={dim} is too small; need dim >= 4")
+    if half < 1 or half <= freq_shift:
+        raise ValueError(
+            f"timestep_embedding: dim={dim} with freq_shift={freq_shift}; need dim // 2 > "
+            "freq_shift (and dim >= 2)"
+        )
     # float32, in the order of operations diffusers uses, so both agree to rounding.
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
-    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin_cos = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(sin_cos, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -149,6 +157,7 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     num_groups: int = 32
+    norm_eps: float = NORM_EPS
     dtype: Any = jnp.float32
     kernels: str = "xla"
 
@@ -156,11 +165,11 @@ class ResnetBlock(nn.Module):
     def __call__(self, x, temb, train: bool = False):
         kinds = layer_kinds(self.kernels, self.dtype)
         c = self.out_channels
-        h = kinds.group_norm(self.num_groups, self.dtype, "norm1", act=True)(x)
+        h = kinds.group_norm(self.num_groups, self.norm_eps, self.dtype, "norm1", act=True)(x)
         h = conv(kinds, c, 3, self.dtype, "conv1")(h)
         temb = dense(kinds, c, self.dtype, "time_emb_proj")(nn.swish(temb))
         h = h + temb[:, None, None, :]
-        h = kinds.group_norm(self.num_groups, self.dtype, "norm2", act=True)(h)
+        h = kinds.group_norm(self.num_groups, self.norm_eps, self.dtype, "norm2", act=True)(h)
         h = kinds.dropout(self.dropout)(h, deterministic=not train)
         h = conv(kinds, c, 3, self.dtype, "conv2", kernel_init=zero_init)(h)
         if x.shape[-1] != c:
@@ -174,6 +183,7 @@ class AttentionBlock(nn.Module):
 
     num_heads: int = 1
     num_groups: int = 32
+    norm_eps: float = NORM_EPS
     dtype: Any = jnp.float32
     kernels: str = "xla"
 
@@ -185,7 +195,7 @@ class AttentionBlock(nn.Module):
             raise ValueError(
                 f"AttentionBlock: num_heads={self.num_heads} does not divide the {c} channels"
             )
-        h = kinds.group_norm(self.num_groups, self.dtype, "group_norm")(x)
+        h = kinds.group_norm(self.num_groups, self.norm_eps, self.dtype, "group_norm")(x)
         h = h.reshape(b, height * width, c)
 
         def proj(name, kernel_init=default_init):

@@ -17,6 +17,7 @@ import numpy as np
 from diffusion_jax.models.layers import (
     DOWNSAMPLE_PADDINGS,
     KERNELS,
+    NORM_EPS,
     AttentionBlock,
     Downsample,
     ResnetBlock,
@@ -41,6 +42,7 @@ class DownBlock(nn.Module):
     add_downsample: bool
     dropout: float
     num_groups: int
+    norm_eps: float
     num_heads: int
     resamp_with_conv: bool
     downsample_padding: str
@@ -55,6 +57,7 @@ class DownBlock(nn.Module):
                 self.out_channels,
                 self.dropout,
                 self.num_groups,
+                self.norm_eps,
                 self.dtype,
                 self.kernels,
                 name=f"resnets_{j}",
@@ -63,6 +66,7 @@ class DownBlock(nn.Module):
                 h = AttentionBlock(
                     self.num_heads,
                     self.num_groups,
+                    self.norm_eps,
                     self.dtype,
                     self.kernels,
                     name=f"attentions_{j}",
@@ -85,6 +89,7 @@ class MidBlock(nn.Module):
 
     dropout: float
     num_groups: int
+    norm_eps: float
     num_heads: int
     dtype: Any
     kernels: str
@@ -92,10 +97,15 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, h, temb, train):
         c = h.shape[-1]
-        resnet = (c, self.dropout, self.num_groups, self.dtype, self.kernels)
+        resnet = (c, self.dropout, self.num_groups, self.norm_eps, self.dtype, self.kernels)
         h = ResnetBlock(*resnet, name="resnets_0")(h, temb, train)
         h = AttentionBlock(
-            self.num_heads, self.num_groups, self.dtype, self.kernels, name="attentions_0"
+            self.num_heads,
+            self.num_groups,
+            self.norm_eps,
+            self.dtype,
+            self.kernels,
+            name="attentions_0",
         )(h)
         return ResnetBlock(*resnet, name="resnets_1")(h, temb, train)
 
@@ -109,6 +119,7 @@ class UpBlock(nn.Module):
     add_upsample: bool
     dropout: float
     num_groups: int
+    norm_eps: float
     num_heads: int
     resamp_with_conv: bool
     dtype: Any
@@ -122,6 +133,7 @@ class UpBlock(nn.Module):
                 self.out_channels,
                 self.dropout,
                 self.num_groups,
+                self.norm_eps,
                 self.dtype,
                 self.kernels,
                 name=f"resnets_{j}",
@@ -130,6 +142,7 @@ class UpBlock(nn.Module):
                 h = AttentionBlock(
                     self.num_heads,
                     self.num_groups,
+                    self.norm_eps,
                     self.dtype,
                     self.kernels,
                     name=f"attentions_{j}",
@@ -141,6 +154,10 @@ class UpBlock(nn.Module):
 
 def _is_int(v) -> bool:
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
 def check_unet_fields(m: "UNet") -> None:
@@ -169,8 +186,17 @@ def check_unet_fields(m: "UNet") -> None:
         raise ValueError(f"UNet: dropout={m.dropout!r}; must be a number in [0, 1)")
     if not 0 <= m.dropout < 1:
         raise ValueError(f"UNet: dropout={m.dropout!r}; must be in [0, 1)")
-    if not isinstance(m.resamp_with_conv, bool):
-        raise ValueError(f"UNet: resamp_with_conv={m.resamp_with_conv!r}; must be True or False")
+    for name in ("resamp_with_conv", "flip_sin_to_cos"):
+        if not isinstance(getattr(m, name), bool):
+            raise ValueError(f"UNet: {name}={getattr(m, name)!r}; must be True or False")
+    if not _is_number(m.norm_eps) or not m.norm_eps > 0:
+        raise ValueError(f"UNet: norm_eps={m.norm_eps!r}; must be a positive number")
+    if not _is_number(m.freq_shift) or not m.freq_shift < m.ch // 2:
+        raise ValueError(
+            f"UNet: freq_shift={m.freq_shift!r}; must be a number below ch // 2 = {m.ch // 2} "
+            "(the sinusoidal embedding's frequencies are max_period ** (-i / (ch // 2 - "
+            "freq_shift)))"
+        )
     if m.kernels not in KERNELS:
         raise ValueError(
             f"UNet: kernels={m.kernels!r}; allowed: {', '.join(map(repr, KERNELS))} "
@@ -223,13 +249,16 @@ class UNet(nn.Module):
     attn_resolutions (spatial sizes with self-attention, e.g. (16,)), image_size, in_channels,
     out_channels (None = in_channels; 2 * in_channels for a learned variance), dropout,
     resamp_with_conv, downsample_padding ("same" as in the original DDPM, or "symmetric"),
-    num_groups (GroupNorm), num_heads, num_head_channels (when set, heads = channels //
-    num_head_channels, overriding num_heads), num_classes (> 0: class embedding of num_classes + 1
-    entries added to the time embedding; label num_classes is the null label for classifier-free
-    guidance), cond_channels (> 0: an image `cond_image` concatenated to x on channels, e.g. SR3's
-    upsampled low-resolution input), dtype ("float32" or "bfloat16" compute; params float32),
-    kernels (how the layers are computed: "auto", "xla" or "fast_cpu", see layers.KERNELS; the
-    parameters are the same under each). Fields are checked when the module is constructed.
+    num_groups and norm_eps (every GroupNorm's groups and epsilon), num_heads, num_head_channels
+    (when set, heads = channels // num_head_channels, overriding num_heads), flip_sin_to_cos and
+    freq_shift (the sinusoidal timestep embedding, layers.timestep_embedding: the defaults are
+    the original DDPM code's, diffusers' UNet2DModel defaults to True and 0), num_classes (> 0:
+    class embedding of num_classes + 1 entries added to the output of the time embedding's MLP;
+    label num_classes is the null label for classifier-free guidance), cond_channels (> 0: an
+    image `cond_image` concatenated to x on channels, e.g. SR3's upsampled low-resolution input),
+    dtype ("float32" or "bfloat16" compute; params float32), kernels (how the layers are
+    computed: "auto", "xla" or "fast_cpu", see layers.KERNELS; the parameters are the same under
+    each). Fields are checked when the module is constructed.
     """
 
     ch: int
@@ -243,8 +272,11 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     downsample_padding: str = "same"
     num_groups: int = 32
+    norm_eps: float = NORM_EPS
     num_heads: int = 1
     num_head_channels: int | None = None
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
     num_classes: int = 0
     cond_channels: int = 0
     dtype: str = "float32"
@@ -304,7 +336,7 @@ class UNet(nn.Module):
 
         kinds = layer_kinds(self.kernels, dtype)
         temb = TimestepEmbedding(temb_dim, dtype, self.kernels, name="time_embedding")(
-            timestep_embedding(t, self.ch)
+            timestep_embedding(t, self.ch, self.flip_sin_to_cos, self.freq_shift)
         )
         if self.num_classes:
             temb = temb + nn.Embed(
@@ -324,6 +356,7 @@ class UNet(nn.Module):
                 add_downsample=i < levels - 1,
                 dropout=self.dropout,
                 num_groups=self.num_groups,
+                norm_eps=self.norm_eps,
                 num_heads=self._heads(width),
                 resamp_with_conv=self.resamp_with_conv,
                 downsample_padding=self.downsample_padding,
@@ -336,6 +369,7 @@ class UNet(nn.Module):
         h = MidBlock(
             self.dropout,
             self.num_groups,
+            self.norm_eps,
             self._heads(h.shape[-1]),
             dtype,
             self.kernels,
@@ -353,6 +387,7 @@ class UNet(nn.Module):
                 add_upsample=level > 0,
                 dropout=self.dropout,
                 num_groups=self.num_groups,
+                norm_eps=self.norm_eps,
                 num_heads=self._heads(width),
                 resamp_with_conv=self.resamp_with_conv,
                 dtype=dtype,
@@ -360,7 +395,7 @@ class UNet(nn.Module):
                 name=f"up_blocks_{i}",
             )(h, block_skips, temb, train)
 
-        h = kinds.group_norm(self.num_groups, dtype, "conv_norm_out", act=True)(h)
+        h = kinds.group_norm(self.num_groups, self.norm_eps, dtype, "conv_norm_out", act=True)(h)
         out_channels = self.out_channels or self.in_channels
         h = conv(kinds, out_channels, 3, dtype, "conv_out", kernel_init=zero_init)(h)
         return h.astype(jnp.float32)
