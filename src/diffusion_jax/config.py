@@ -44,6 +44,7 @@ def base_config() -> config_dict.ConfigDict:
         num_classes=0,
         cond_channels=0,
         dtype="float32",
+        kernels="auto",  # models.layers.KERNELS: "xla" = plain Flax everywhere (forward-mode AD)
     )
     config.diffusion = dict(
         schedule="linear",  # beta_1 = 1e-4 ... beta_T = 0.02
