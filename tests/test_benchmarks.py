@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("diffusers")
+pytestmark = pytest.mark.perf
 
 
 def run_script(script, tmp_path, *args):

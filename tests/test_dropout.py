@@ -58,6 +58,7 @@ def test_rejects_rate_outside_unit_interval(rate):
         apply(Dropout(rate), jnp.ones(3), 0)
 
 
+@pytest.mark.perf
 def test_backward_holds_less_than_flax_dropout():
     """Three dropout layers, each followed by a matmul: with flax's nn.Dropout XLA keeps the
     uint32 random bits of the masks alive for the backward pass (4 bytes per element); with

@@ -44,6 +44,7 @@ def faults_per_call(mode: str) -> list[int]:
     return [int(f) for f in out.stdout.split()]
 
 
+@pytest.mark.perf
 @pytest.mark.skipif(not hostmem.is_glibc(), reason="glibc's mallopt")
 def test_a_calls_temporaries_are_reused_by_the_next_call():
     default, kept = faults_per_call("default"), faults_per_call("keep")

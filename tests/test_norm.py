@@ -192,6 +192,7 @@ def test_backward_keeps_only_the_input(capsys):
     assert not [line for line in saved if "[2,64,32,2]" in line.replace(" ", "")], saved
 
 
+@pytest.mark.perf
 def test_resnet_blocks_compile_to_less_memory_than_autodiff(monkeypatch):
     """The point of the custom gradient, measured by XLA: the temporaries of a gradient through
     four ResnetBlocks shrink (by 17% at these sizes when written). Autodiff of the same forward
