@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's digits table: FD / IS of 1,000 samples (digits-classifier features) and test NLL
-# for DDPM (1000 steps) and DDIM (10, 50, 100 steps), with the time of each sampling command.
+# for DDPM (1000 steps), DDIM (10, 50, 100 steps) and DPM-Solver++(2M) (10, 20 steps), with the
+# time of each sampling command.
 # Usage: bash experiments/digits_results.sh WORKDIR   (a workdir of configs/ddpm_digits.py)
 set -euo pipefail
 wd=${1:-runs/digits}
@@ -20,6 +21,8 @@ run() {  # name, sampler, steps
 run ddim10 ddim 10
 run ddim50 ddim 50
 run ddim100 ddim 100
+run dpm10 dpm_solver++2m 10
+run dpm20 dpm_solver++2m 20
 run ddpm1000 ddpm 1000
 python -m diffusion_jax.evaluate --workdir="$wd" --metric=nll --split=test > "$out/nll_test.json"
 tail -n 1 "$out"/*.json
