@@ -21,20 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_unet import TINY  # the tiny UNet the model tests share
 
 from diffusion_jax import diffusion, models, samplers, schedules
 from diffusion_jax.models import fast_cpu, layers
 
-TINY = dict(
-    name="unet",
-    ch=16,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(4,),
-    image_size=8,
-    in_channels=3,
-    num_groups=8,
-)
 ALL = tuple(layers.KERNELS)
 
 
