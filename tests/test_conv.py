@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from test_unet import tiny
+from test_unet import random_params, tiny
 
 from diffusion_jax.models.fast_cpu import conv
 
@@ -217,16 +217,10 @@ def test_unet_gradient_equals_the_one_through_lax_convolutions():
     model = tiny(kernels="fast_cpu")
     x = jax.random.uniform(jax.random.key(8), (2, 8, 8, 3), minval=-1.0, maxval=1.0)
     t = jnp.array([3, 700])
-    params = model.init(jax.random.key(9), x, t)["params"]
-    # zero-initialised last convs would make many gradients exactly zero: perturb every leaf
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(10), len(leaves))
-    params = tree.unflatten(
-        [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    )
+    params = random_params(model, x, t, seed=9)
 
     def grads(model):
-        return jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2))(params)
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2)))(params)
 
     ours, ref = grads(model), grads(tiny(kernels="xla"))
     # softmax(q . (k + b)) = softmax(q . k): the gradient of to_k's bias is zero but for rounding

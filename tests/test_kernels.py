@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_unet import TINY  # the tiny UNet the model tests share
+from test_unet import TINY, random_params  # the tiny UNet the model tests share
 
 from diffusion_jax import diffusion, models, samplers, schedules
 from diffusion_jax.models import fast_cpu, layers
@@ -36,16 +36,6 @@ def tiny(kernels, **overrides):
 def data(batch=2, seed=0):
     x = jax.random.uniform(jax.random.key(seed), (batch, 8, 8, 3), minval=-1.0, maxval=1.0)
     return x, jnp.array([3, 700][:batch])
-
-
-def perturbed_params(model, x, t, seed=1):
-    """Initial parameters plus noise: the zero-initialised last layers would make the output 0."""
-    params = model.init(jax.random.key(seed), x, t)["params"]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return tree.unflatten(
-        [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    )
 
 
 def rel_err(a, b):
@@ -65,7 +55,9 @@ def test_unknown_kernels_value_names_the_allowed_ones():
 
 def test_parameter_trees_are_identical_under_every_setting():
     x, t = data()
-    trees = {k: tiny(k).init(jax.random.key(0), x, t)["params"] for k in ALL}
+    # unsafe_rbg compiles several times faster than threefry on CPU; the test needs any key
+    key = jax.random.key(0, impl="unsafe_rbg")
+    trees = {k: jax.jit(tiny(k).init)(key, x, t)["params"] for k in ALL}
     shapes = {k: jax.tree.map(lambda a: (a.shape, a.dtype), p) for k, p in trees.items()}
     assert shapes["xla"] == shapes["fast_cpu"] == shapes["auto"]
     # the same initialisers under the same names draw the same values
@@ -80,7 +72,7 @@ def test_same_params_give_the_same_outputs(train):
     """One parameter tree under all three settings, the same dropout rng: the same outputs (and
     so the same dropout masks: one flipped mask element moves the output by O(1))."""
     x, t = data()
-    params = perturbed_params(tiny("xla"), x, t)
+    params = random_params(tiny("xla"), x, t)
     rngs = {"dropout": jax.random.key(5)}
 
     def out(kernels):
@@ -95,11 +87,9 @@ def test_same_params_give_the_same_outputs(train):
 def test_jvp_and_jacfwd_through_the_unet_with_xla():
     model = tiny("xla")
     x, t = data(batch=1)
-    params = perturbed_params(model, x, t)
+    params = random_params(model, x, t)
 
-    def f(x):
-        return model.apply({"params": params}, x, t)
-
+    f = jax.jit(lambda x: model.apply({"params": params}, x, t))
     v = jax.random.normal(jax.random.key(3), x.shape)
     u = jax.random.normal(jax.random.key(4), x.shape)
     y, jv = jax.jit(lambda x, v: jax.jvp(f, (x,), (v,)))(x, v)
@@ -119,10 +109,11 @@ def test_jvp_through_training_losses_with_xla():
     mode and finite differences."""
     model = tiny("xla")
     x0, _ = data()
-    params = perturbed_params(model, x0, jnp.array([0, 0]))
+    params = random_params(model, x0, jnp.array([0, 0]))
     schedule = schedules.make_schedule("linear", num_timesteps=1000)
     t = jnp.array([10, 600])
 
+    @jax.jit  # t stays a concrete constant inside, for training_losses' check of its values
     def loss(p):
         def denoise_fn(x_t, t):
             return model.apply({"params": p}, x_t, t)
@@ -131,9 +122,8 @@ def test_jvp_through_training_losses_with_xla():
         return out["loss"].mean()
 
     dp = jax.tree.map(lambda p: jax.random.normal(jax.random.key(8), p.shape), params)
-    # not jitted: training_losses checks t's values, which must be concrete
-    value, forward = jax.jvp(loss, (params,), (dp,))
-    grads = jax.grad(loss)(params)
+    value, forward = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,)))(params, dp)
+    grads = jax.jit(jax.grad(loss))(params)
     reverse = tree_vdot(grads, dp)
     scale = tree_vdot(jax.tree.map(abs, grads), jax.tree.map(abs, dp))
     assert abs(float(forward - reverse)) < 1e-5 * float(scale)
@@ -151,7 +141,7 @@ def test_jvp_through_training_losses_with_xla():
 def test_forward_mode_through_the_fast_kernels_raises_one_line_naming_the_switch(kernels):
     model = tiny(kernels)
     x, t = data(batch=1)
-    params = model.init(jax.random.key(0), x, t)["params"]
+    params = random_params(model, x, t)
 
     def f(x):
         return model.apply({"params": params}, x, t)
@@ -176,8 +166,9 @@ def test_auto_in_bfloat16_is_plain_flax_so_forward_mode_works():
     model = tiny("auto", dtype="bfloat16")
     assert layers.layer_kinds("auto", jnp.bfloat16) is layers.FLAX_LAYERS
     x, t = data(batch=1)
-    params = model.init(jax.random.key(0), x, t)["params"]
-    _, jv = jax.jvp(lambda x: model.apply({"params": params}, x, t), (x,), (x,))
+    params = random_params(model, x, t)
+    f = lambda x: model.apply({"params": params}, x, t)  # noqa: E731
+    _, jv = jax.jit(lambda x: jax.jvp(f, (x,), (x,)))(x)
     assert jv.shape == x.shape
 
 
@@ -186,7 +177,7 @@ def test_reverse_mode_is_unchanged_by_the_forward_mode_guard():
     agree with each other; the compiled gradient holds Winograd's 36 tile products."""
     model = tiny("fast_cpu")
     x, t = data()
-    params = perturbed_params(model, x, t)
+    params = random_params(model, x, t)
 
     def loss(p, x, t):
         return jnp.sum(model.apply({"params": p}, x[None], t[None]) ** 2)
@@ -206,7 +197,7 @@ def test_grad_through_a_ddim_chain_agrees_between_settings():
     along a random direction agree to 2% (measured 0.4%: Winograd's rounding, amplified by the
     chain's division by sqrt(alpha_bar) at high noise)."""
     x, t = data()
-    params = perturbed_params(tiny("xla"), x, t)
+    params = random_params(tiny("xla"), x, t)
     schedule = schedules.make_schedule("linear", num_timesteps=1000)
     dp = jax.tree.map(lambda p: jax.random.normal(jax.random.key(9), p.shape), params)
 

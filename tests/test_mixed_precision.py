@@ -18,7 +18,7 @@ def one_step(mixed: bool):
     model = models.create_model(training.model_config(config))
     optimizer, lr = training.make_optimizer(config)
     step = training.make_train_step(model, training.make_schedule(config), config, optimizer, lr)
-    state = training.init_state(model, optimizer, config, jax.random.key(0))
+    state = jax.jit(lambda k: training.init_state(model, optimizer, config, k))(jax.random.key(0))
     images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), np.uint8)
     jaxpr = str(jax.make_jaxpr(step)(state, images, jax.random.key(1)))
     new_state, metrics = jax.jit(step)(state, images, jax.random.key(1))

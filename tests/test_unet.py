@@ -41,12 +41,12 @@ def inputs(model, batch=2, seed=0):
     return x, jnp.arange(batch, dtype=jnp.int32) * 100
 
 
-def random_params(model, *args, **kwargs):
+def random_params(model, *args, seed=0, **kwargs):
     """Random N(0, 0.1^2) params of the right shapes, drawn with numpy (real initialisation
     compiles a random-number program per parameter, which is slow on CPU). Also the DDPM
     initialisation zeroes conv_out, so a fresh model's output does not depend on its inputs."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), *args, **kwargs)["params"]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.normal(0.0, 0.1, s.shape).astype(np.float32), shapes)
 
 
