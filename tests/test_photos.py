@@ -48,7 +48,8 @@ def test_no_train_patch_overlaps_the_test_strip():
         for top, left in test:
             covered_test[top : top + 32, left : left + 32] = True
         assert not (covered_train & covered_test).any()
-        assert not covered_train[:, boundary:].any() and covered_test[:, boundary:].any(axis=0).all()
+        assert not covered_train[:, boundary:].any()
+        assert covered_test[:, boundary:].any(axis=0).all()
         assert max(left for _, left in train) + 32 == boundary  # the train region is used up
     # The patches themselves: each train patch equals the photo at its corner, left of the strip.
     train, labels = photos.load_photo_patches("train")

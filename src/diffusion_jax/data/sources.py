@@ -4,8 +4,8 @@ A source is random access: len(source) and source[i] -> {"image": uint8 (S, S, C
 "label": int32}, with S = image_size and C = num_channels; it also has `num_classes`.
 
 config.data fields (read with .get, so a ConfigDict or a plain dict both work):
-  dataset       'digits' | 'photos' | 'folder:<path>' | 'folder' (path in data_dir) | a tfds name such as
-                'cifar10', 'celeb_a', 'lsun/church_outdoor'
+  dataset       'digits' | 'photos' | 'folder:<path>' | 'folder' (path in data_dir) | a tfds
+                name such as 'cifar10', 'celeb_a', 'lsun/church_outdoor'
   image_size    int > 0, output height and width
   num_channels  1 (grayscale) or 3 (RGB)
   data_dir      tfds data directory (default: tfds' own), or the folder for dataset='folder'
@@ -52,8 +52,8 @@ def _num_channels(cfg) -> int:
 def create_source(cfg, split: str = "train"):
     """Build the random-access source that config.data describes, for one split.
 
-    Splits: digits and photos 'train' | 'test' | 'all' (a fixed split); tfds any split string it knows
-    ('train', 'test', 'train[:90%]', ...); an image folder is one split, 'train'.
+    Splits: digits and photos 'train' | 'test' | 'all' (a fixed split); tfds any split string it
+    knows ('train', 'test', 'train[:90%]', ...); an image folder is one split, 'train'.
     """
     cache = cfg.get("cache_in_memory", False)
     if not isinstance(cache, bool):
@@ -66,8 +66,8 @@ def _create_source(cfg, split: str):
     dataset = cfg.get("dataset")
     if not isinstance(dataset, str) or not dataset:
         raise ValueError(
-            "data.dataset must be 'digits', 'photos', 'folder:<path>' (or 'folder' with data.data_dir) "
-            f"or a tfds dataset name, got {dataset!r}"
+            "data.dataset must be 'digits', 'photos', 'folder:<path>' (or 'folder' with "
+            f"data.data_dir) or a tfds dataset name, got {dataset!r}"
         )
     image_size, num_channels = _image_size(cfg), _num_channels(cfg)
     data_dir = cfg.get("data_dir")
