@@ -149,6 +149,24 @@ def test_blur_entry_is_quantized_scipy_blur_and_noise_changes_it():
     assert 0.03 < np.std(noisy - cond) < 0.07
 
 
+def test_observe_uint8_is_the_file_sampling_reads():
+    clean = _uint8_batch((2, 8, 8, 3), seed=8)
+    lr = deg.observe_uint8("sr", clean, {"sr_factor": 2}, jax.random.key(0))
+    want = np.stack([np.asarray(Image.fromarray(im).reduce(2)) for im in clean])
+    assert lr.dtype == np.uint8
+    np.testing.assert_array_equal(lr, want)
+    # Reading that file back and conditioning on it gives what training conditions on.
+    sr = deg.DEGRADATIONS["sr"]
+    np.testing.assert_array_equal(
+        sr.condition(lr, {"sr_factor": 2}), sr(clean, {"sr_factor": 2}, jax.random.key(0))
+    )
+    blurred = deg.observe_uint8("blur", clean, {"blur_sigma": 0.8}, jax.random.key(0))
+    want = scipy.ndimage.gaussian_filter(
+        scaling.to_model_range(clean).astype(np.float64), (0, 0.8, 0.8, 0), mode="reflect"
+    )
+    np.testing.assert_array_equal(blurred, scaling.to_uint8(want))
+
+
 def test_check_config_errors():
     deg.check_config("sr", {"sr_factor": 2}, 32)
     with pytest.raises(ValueError, match="sr_factor=3 does not divide"):

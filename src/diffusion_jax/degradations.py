@@ -232,6 +232,13 @@ DEGRADATIONS: dict[str, Degradation] = {
 }
 
 
+def observe_uint8(name: str, clean, cfg, key) -> np.ndarray:
+    """The observation of degradation `name` as the uint8 file sampling reads: (B, h, w, C)
+    numpy, e.g. LR.npz from a high-res test set (for "sr": box_downsample of the uint8 images)."""
+    observation = DEGRADATIONS[name].observe(clean, cfg, key)
+    return np.asarray(_round_uint8((observation + 1.0) * 127.5))
+
+
 def check_config(name: str, cfg, image_size: int) -> None:
     """ValueError naming the field unless degradation `name` can run on images of image_size
     with config.conditioning `cfg` (for validation at the boundary, before anything compiles)."""
