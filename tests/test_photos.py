@@ -23,22 +23,27 @@ def test_splits_shapes_labels_and_counts():
     train, train_labels = photos.load_photo_patches("train")
     test, test_labels = photos.load_photo_patches("test")
     every, every_labels = photos.load_photo_patches("all")
-    # 23 rows x 29 columns (stride 8) per photo for train, 12 x 3 (stride 16) for test.
-    assert train.shape == (2 * 23 * 29, 32, 32, 3) and test.shape == (2 * 12 * 3, 32, 32, 3)
+    # 23 rows x 26 columns (stride 8) per photo for train, 12 x 3 (stride 16) for test.
+    assert train.shape == (2 * 23 * 26, 32, 32, 3) and test.shape == (2 * 12 * 3, 32, 32, 3)
     assert train.dtype == test.dtype == np.uint8
     assert train_labels.dtype == np.int32
-    assert np.bincount(train_labels).tolist() == [667, 667]
+    assert np.bincount(train_labels).tolist() == [598, 598]
     assert np.bincount(test_labels).tolist() == [36, 36]
     np.testing.assert_array_equal(every, np.concatenate([train, test]))
     np.testing.assert_array_equal(every_labels, np.concatenate([train_labels, test_labels]))
     # A real photograph: patches differ and hold detail.
     assert train.std() > 30 and len(np.unique(train.reshape(len(train), -1), axis=0)) == len(train)
+    # The held-out strip is not flat background in either photo (flower's right edge is: mean
+    # |horizontal difference| 1.1 to 1.7 grey levels there, against 7 to 11 in its strip).
+    for photo in (0, 1):
+        detail = np.abs(np.diff(test[test_labels == photo].astype(float), axis=2)).mean()
+        assert detail > 5, (photo, detail)
 
 
 def test_no_train_patch_overlaps_the_test_strip():
     for photo in photos.downscaled_photos():
         h, w = photo.shape[:2]
-        boundary = photos.test_x0(w)
+        x0, x1 = photos.TEST_X0, photos.TEST_X0 + photos.TEST_WIDTH
         train = photos.patch_corners("train", h, w)
         test = photos.patch_corners("test", h, w)
         covered_train = np.zeros((h, w), bool)
@@ -48,9 +53,11 @@ def test_no_train_patch_overlaps_the_test_strip():
         for top, left in test:
             covered_test[top : top + 32, left : left + 32] = True
         assert not (covered_train & covered_test).any()
-        assert not covered_train[:, boundary:].any()
-        assert covered_test[:, boundary:].any(axis=0).all()
-        assert max(left for _, left in train) + 32 == boundary  # the train region is used up
+        assert not covered_train[:, x0:x1].any()
+        assert covered_test[:, x0:x1].any(axis=0).all() and not covered_test[:, :x0].any()
+        assert not covered_test[:, x1:].any()
+        # Both train regions are used up to the strip and to the photo's right edge.
+        assert covered_train[:, :x0].any(axis=0).all() and covered_train[:, x1:].any(axis=0).all()
     # The patches themselves: each train patch equals the photo at its corner, left of the strip.
     train, labels = photos.load_photo_patches("train")
     corners = photos.patch_corners("train", 213, 320)

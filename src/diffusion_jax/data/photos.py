@@ -5,10 +5,14 @@ download). Each photo is first downscaled 2x by area averaging (its top 426 rows
 mean rounded half up: what PIL's `Image.reduce(2)` computes) to 213 x 320, so that a 32x32 patch
 holds a scene's detail rather than a few flat pixels. The split is fixed by geometry:
 
-  test   the right-most TEST_WIDTH = 64 columns of each downscaled photo (x >= 256), cut with
-         stride TEST_STRIDE = 16 in both directions (neighbouring test patches overlap by half)
-  train  the rest (x < 256), cut with stride TRAIN_STRIDE = 8; no train patch reaches the
-         test strip
+  test   a vertical strip of TEST_WIDTH = 64 columns of each downscaled photo, from
+         x = TEST_X0 = 128 (the middle fifth: half the pagoda and the water in china, the
+         flower's centre in flower; the right edge would be blurred background in flower),
+         cut with stride TEST_STRIDE = 16 in both directions (neighbouring test patches
+         overlap by half): 12 rows x 3 columns = 36 patches per photo
+  train  the columns left and right of the strip (x < 128 and x >= 192), each cut with
+         stride TRAIN_STRIDE = 8 from its first column; no train patch reaches into the
+         strip: 23 rows x (13 + 13) columns = 598 patches per photo
   all    train followed by test
 
 Patches are ordered by photo, then row, then column. The label is the photo's index (0 china,
@@ -25,6 +29,7 @@ from diffusion_jax.data.arrays import ArraySource
 
 PATCH = 32
 DOWNSCALE = 2
+TEST_X0 = 128
 TEST_WIDTH = 64
 TRAIN_STRIDE = 8
 TEST_STRIDE = 16
@@ -59,21 +64,19 @@ def downscaled_photos() -> tuple[np.ndarray, ...]:
     return photos
 
 
-def test_x0(width: int) -> int:
-    """The first column of the held-out strip of a downscaled photo of this width."""
-    return width - TEST_WIDTH
-
-
 def patch_corners(split: str, height: int, width: int) -> list[tuple[int, int]]:
     """(top, left) of every PATCH x PATCH patch of one photo in split 'train' or 'test'."""
-    boundary = test_x0(width)
+    strip_end = TEST_X0 + TEST_WIDTH
     if split == "train":
-        x_lo, x_hi, stride = 0, boundary - PATCH, TRAIN_STRIDE
+        stride = TRAIN_STRIDE
+        cols = [
+            *range(0, TEST_X0 - PATCH + 1, stride),
+            *range(strip_end, width - PATCH + 1, stride),
+        ]
     else:
-        x_lo, x_hi, stride = boundary, width - PATCH, TEST_STRIDE
-    rows = range(0, height - PATCH + 1, stride)
-    cols = range(x_lo, x_hi + 1, stride)
-    return [(top, left) for top in rows for left in cols]
+        stride = TEST_STRIDE
+        cols = list(range(TEST_X0, strip_end - PATCH + 1, stride))
+    return [(top, left) for top in range(0, height - PATCH + 1, stride) for left in cols]
 
 
 def load_photo_patches(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
