@@ -510,7 +510,7 @@ def test_in_memory_source_errors(monkeypatch):
         (dict(image_size=None), "image_size must be a positive int"),
         (dict(num_channels=2), r"num_channels must be one of \(1, 3\)"),
         (dict(num_channels=4), r"num_channels must be one of \(1, 3\)"),
-        (dict(dataset=""), "data.dataset must be 'digits', 'folder:<path>'"),
+        (dict(dataset=""), "data.dataset must be 'digits', 'photos', 'folder:<path>'"),
         (dict(cache_in_memory=1), "data.cache_in_memory must be True or False, got 1"),
     ],
 )

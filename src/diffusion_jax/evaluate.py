@@ -1,4 +1,5 @@
-"""Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W --metric=nll|fid|is`.
+"""Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W --metric=nll|fid|is`, or
+samples against their references: `--metric=psnr|ssim --samples=OUT.npz --reference=HR.npz`.
 
 nll: the variational bound (eq. 5 of Ho et al. 2020: the prior term L_T, all T terms L_{T-1}..L_1
 and the discretized decoder L_0) in bits/dim, averaged over a data split (--split, default test;
@@ -12,6 +13,17 @@ classifier for the embedded 8x8 digits, else the FID InceptionV3; reference stat
 dataset's train split are computed once and cached as .npz in the cache dir
 ($DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax). The Inception weights have no classifier
 head, so the Inception Score exists for the digits only. Prints one JSON line.
+
+psnr / ssim: of each image of --samples=OUT.npz against its reference in --reference=HR.npz
+(both uint8 (N, H, W, C) `images`, data range 255; `metrics.image_quality`). Row i of OUT.npz
+is a sample for reference row reference_index[i] when OUT.npz holds an int array
+`reference_index` (N*k samples for N references, k per reference, in any order); without it
+the files must hold as many images, paired row by row. Reports the single-sample score (mean,
+std and per-image values over all samples) and, when a reference has more than one sample,
+the score of the mean of its samples (the float mean of the k uint8 images, not rounded: the
+point estimate that trades perception for distortion) over the references. --workdir is
+optional here: the result goes to W/eval/results.jsonl with one, else to results.jsonl beside
+the samples file.
 
 Every result carries its provenance: a `name` that says what was measured against what (e.g.
 "fid@1000 samples vs cifar10 train (50000 refs), FID-InceptionV3 pool3 features"), the
@@ -42,7 +54,9 @@ from diffusion_jax.metrics.cache import default_cache_dir
 from diffusion_jax.sample import provenance, read_provenance, sample_workdir, sampler_options
 from diffusion_jax.workdir import load_config, load_workdir
 
-METRICS = ("nll", "fid", "is")
+METRICS = ("nll", "fid", "is", "psnr", "ssim")
+IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim}  # (x, y, data_range) -> (N,)
+REFERENCE_INDEX = "reference_index"  # in a samples file: the reference row of each sample
 BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 REFERENCE_SPLIT = "train"
 DEFAULT_NUM_SAMPLES = 10_000
@@ -52,10 +66,10 @@ FEATURE_CHUNK = 1000  # reference images per feature-network call
 RESULTS_FILE = "results.jsonl"  # in W/eval: one JSON line per evaluation
 
 
-def _append_result(workdir, record: dict) -> None:
-    """Append `record` to W/eval/results.jsonl (process 0 only)."""
+def _append_result(workdir, record: dict, path=None) -> None:
+    """Append `record` to W/eval/results.jsonl, or to `path` (process 0 only)."""
     if jax.process_index() == 0:
-        path = Path(workdir) / "eval" / RESULTS_FILE
+        path = Path(workdir) / "eval" / RESULTS_FILE if path is None else Path(path)
         path.parent.mkdir(exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -344,9 +358,141 @@ def evaluate_samples(
     return record
 
 
+# --- psnr / ssim ------------------------------------------------------------------------
+
+
+def _load_npz_images(path, flag: str) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
+    """(uint8 images (N, H, W, C), reference_index or None, provenance or None) of an .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise cli.UserError(f"--{flag}={path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise cli.UserError(
+                    f"--{flag}={path} has no 'images' array (found {sorted(f.files)})"
+                )
+            images = f["images"]
+            index = f[REFERENCE_INDEX] if REFERENCE_INDEX in f.files else None
+            made = read_provenance(f)
+    except (ValueError, OSError) as e:
+        raise cli.UserError(f"--{flag}={path} is not a readable .npz of images: {e}") from None
+    if images.dtype != np.uint8:
+        raise cli.UserError(
+            f"--{flag}={path}: images are {images.dtype}; expected uint8 in [0, 255] (from "
+            "[-1, 1]: round((x + 1) * 127.5))"
+        )
+    if images.ndim != 4 or len(images) == 0:
+        raise cli.UserError(
+            f"--{flag}={path}: images have shape {images.shape}; expected (N, H, W, C), N >= 1"
+        )
+    return images, index, made
+
+
+def _reference_index(index, num_samples: int, num_refs: int, samples) -> np.ndarray:
+    """Each sample's reference row: the file's reference_index, else row i for sample i."""
+    if index is None:
+        if num_samples != num_refs:
+            raise cli.UserError(
+                f"--samples={samples} holds {num_samples} images for {num_refs} references; "
+                f"without a '{REFERENCE_INDEX}' array (the reference row of each sample) they "
+                "must pair row by row"
+            )
+        return np.arange(num_samples)
+    index = np.asarray(index)
+    if index.shape != (num_samples,) or not np.issubdtype(index.dtype, np.integer):
+        raise cli.UserError(
+            f"--samples={samples}: '{REFERENCE_INDEX}' must be integers of shape "
+            f"({num_samples},), one per image; got {index.dtype} {index.shape}"
+        )
+    if index.min() < 0 or index.max() >= num_refs:
+        raise cli.UserError(
+            f"--samples={samples}: '{REFERENCE_INDEX}' holds rows {index.min()}..{index.max()}; "
+            f"the reference file has rows 0..{num_refs - 1}"
+        )
+    missing = np.setdiff1d(np.arange(num_refs), index)
+    if len(missing):
+        raise cli.UserError(
+            f"--samples={samples}: {len(missing)} of the {num_refs} references have no sample "
+            f"(first: row {missing[0]})"
+        )
+    return index
+
+
+def _summary(values: np.ndarray) -> dict:
+    """Mean, std and the values (PSNR is inf for an exact match: std 0 when all are)."""
+    return dict(
+        value=float(np.mean(values)),
+        std=0.0 if np.all(values == values[0]) else float(np.std(values)),
+        per_image=[float(v) for v in values],
+    )
+
+
+def evaluate_image_quality(metric: str, *, samples, reference, workdir=None) -> dict:
+    """PSNR or SSIM of the samples in `samples` (.npz) against their references, single
+    samples and, with several samples per reference, the mean of each reference's samples."""
+    start = time.time()
+    if metric not in IMAGE_QUALITY:
+        raise cli.UserError(f"metric={metric!r}: expected one of {', '.join(IMAGE_QUALITY)}")
+    if samples is None or reference is None:
+        raise cli.UserError(f"--metric={metric} needs --samples=OUT.npz and --reference=HR.npz")
+    if workdir is not None and not Path(workdir).is_dir():
+        raise cli.UserError(f"--workdir={workdir}: no such directory")
+    images, index, made = _load_npz_images(samples, "samples")
+    refs, _, _ = _load_npz_images(reference, "reference")
+    if images.shape[1:] != refs.shape[1:]:
+        raise cli.UserError(
+            f"--samples={samples} holds images of shape {images.shape[1:]}, --reference="
+            f"{reference} of shape {refs.shape[1:]}; expected the same (H, W, C)"
+        )
+    index = _reference_index(index, len(images), len(refs), samples)
+    fn = IMAGE_QUALITY[metric]
+    try:
+        single = fn(images, refs[index], 255.0)
+        counts = np.bincount(index, minlength=len(refs))
+        mean_of_k = None
+        if counts.max() > 1:
+            sums = np.zeros(refs.shape, np.float64)
+            np.add.at(sums, index, images.astype(np.float64))
+            means = sums / counts[:, None, None, None]
+            mean_of_k = _summary(fn(means, refs.astype(np.float64), 255.0))
+    except ValueError as e:  # images smaller than SSIM's window
+        raise cli.UserError(f"--metric={metric}: {e}") from None
+    k = int(counts[0]) if np.all(counts == counts[0]) else None
+    record = dict(
+        metric=metric,
+        name=(
+            f"{metric}@{len(images)} samples vs {len(refs)} references ({Path(reference).name}), "
+            "uint8, data range 255"
+        ),
+        **_summary(single),
+        mean_of_k=mean_of_k,
+        num_samples=len(images),
+        num_references=len(refs),
+        samples_per_reference=k if k is not None else [int(c) for c in counts],
+        samples=str(samples),
+        reference=str(reference),
+        provenance=made,
+        seconds=round(time.time() - start, 3),
+    )
+    path = None if workdir is not None else Path(samples).resolve().parent / RESULTS_FILE
+    _append_result(workdir, record, path)
+    return record
+
+
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.train.")
-    flags.DEFINE_string("metric", None, "nll (bits/dim on --split), fid or is (of samples).")
+    flags.DEFINE_string(
+        "metric",
+        None,
+        "nll (bits/dim on --split), fid or is (of samples), psnr or ssim (samples against "
+        "--reference).",
+    )
+    flags.DEFINE_string(
+        "reference",
+        None,
+        "psnr/ssim: an .npz of uint8 reference images (the ground truth of --samples).",
+    )
     flags.DEFINE_string("split", "test", "nll: the data split (fid/is compare with train).")
     flags.DEFINE_integer(
         "num_samples",
@@ -354,7 +500,11 @@ def define_flags() -> None:
         f"nll: the first N examples of the split (default all); fid/is: images to sample "
         f"(default {DEFAULT_NUM_SAMPLES:,}).",
     )
-    flags.DEFINE_string("samples", None, "fid/is: an .npz of uint8 images instead of sampling.")
+    flags.DEFINE_string(
+        "samples",
+        None,
+        "fid/is: an .npz of uint8 images instead of sampling; psnr/ssim: the images to score.",
+    )
     flags.DEFINE_integer(
         "batch_size",
         None,
@@ -375,10 +525,17 @@ def main(argv) -> None:
     cli.quiet_libraries()
     f = flags.FLAGS
     with cli.user_errors():
-        cli.require_flags("workdir", "metric")
+        cli.require_flags("metric")
         if f.metric not in METRICS:
             raise cli.UserError(f"--metric={f.metric!r}: expected one of {', '.join(METRICS)}")
-        if f.metric == "nll":
+        if f.metric in IMAGE_QUALITY:
+            record = evaluate_image_quality(
+                f.metric, samples=f.samples, reference=f.reference, workdir=f.workdir
+            )
+        elif f.reference is not None:
+            raise cli.UserError("--reference is for --metric=psnr or ssim")
+        elif f.metric == "nll":
+            cli.require_flags("workdir")
             if f.samples is not None:
                 raise cli.UserError("--samples is for --metric=fid or is; nll reads --split")
             record = evaluate_nll(
@@ -390,6 +547,7 @@ def main(argv) -> None:
                 seed=f.seed,
             )
         else:
+            cli.require_flags("workdir")
             record = evaluate_samples(
                 f.workdir,
                 f.metric,

@@ -62,7 +62,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     # Data.
     dataset = _get(config, "data.dataset")
     if not isinstance(dataset, str) or not dataset:
-        _fail("data.dataset", dataset, "'digits', 'folder:<path>' or a tfds dataset name")
+        _fail("data.dataset", dataset, "'digits', 'photos', 'folder:<path>' or a tfds dataset name")
     _int(config, "data.image_size", 1)
     _choice(config, "data.num_channels", (1, 3))
     if not isinstance(config.data.get("cache_in_memory", False), bool):

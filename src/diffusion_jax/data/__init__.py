@@ -8,6 +8,7 @@ it = data.create_batches(source, global_batch_size=..., seed=..., start_step=ste
 from diffusion_jax.data.cache import InMemorySource
 from diffusion_jax.data.digits import DigitsSource, load_digits
 from diffusion_jax.data.folder import FolderSource
+from diffusion_jax.data.photos import PhotoPatchSource, load_photo_patches
 from diffusion_jax.data.pipeline import create_batch_dataset, create_batches
 from diffusion_jax.data.scaling import to_model_range, to_uint8
 from diffusion_jax.data.sources import create_source
@@ -16,10 +17,12 @@ __all__ = [
     "DigitsSource",
     "FolderSource",
     "InMemorySource",
+    "PhotoPatchSource",
     "create_batch_dataset",
     "create_batches",
     "create_source",
     "load_digits",
+    "load_photo_patches",
     "to_model_range",
     "to_uint8",
 ]

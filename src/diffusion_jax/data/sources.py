@@ -4,8 +4,8 @@ A source is random access: len(source) and source[i] -> {"image": uint8 (S, S, C
 "label": int32}, with S = image_size and C = num_channels; it also has `num_classes`.
 
 config.data fields (read with .get, so a ConfigDict or a plain dict both work):
-  dataset       'digits' | 'folder:<path>' | 'folder' (path in data_dir) | a tfds name such as
-                'cifar10', 'celeb_a', 'lsun/church_outdoor'
+  dataset       'digits' | 'photos' | 'folder:<path>' | 'folder' (path in data_dir) | a tfds
+                name such as 'cifar10', 'celeb_a', 'lsun/church_outdoor'
   image_size    int > 0, output height and width
   num_channels  1 (grayscale) or 3 (RGB)
   data_dir      tfds data directory (default: tfds' own), or the folder for dataset='folder'
@@ -15,6 +15,11 @@ config.data fields (read with .get, so a ConfigDict or a plain dict both work):
                 (default min(8, cpu count))
   cache_in_memory  read every example once, at construction, and serve the decoded arrays
                 (default False; see `cache.InMemorySource`)
+
+Embedded sources (no download): 'digits' (scikit-learn's 8x8 digits, label the digit) and
+'photos' (32x32 RGB patches of scikit-learn's two sample photographs, label the photo's index
+0 or 1; see `photos`). Both take image_size and num_channels as above and have the splits
+'train' | 'test' | 'all'.
 """
 
 from diffusion_jax.data import images as images_lib
@@ -22,6 +27,8 @@ from diffusion_jax.data.cache import InMemorySource
 from diffusion_jax.data.digits import SPLITS as DIGITS_SPLITS
 from diffusion_jax.data.digits import DigitsSource
 from diffusion_jax.data.folder import FolderSource
+from diffusion_jax.data.photos import SPLITS as PHOTOS_SPLITS
+from diffusion_jax.data.photos import PhotoPatchSource
 
 FOLDER_PREFIX = "folder:"
 
@@ -45,8 +52,8 @@ def _num_channels(cfg) -> int:
 def create_source(cfg, split: str = "train"):
     """Build the random-access source that config.data describes, for one split.
 
-    Splits: digits 'train' | 'test' | 'all' (a fixed split); tfds any split string it knows
-    ('train', 'test', 'train[:90%]', ...); an image folder is one split, 'train'.
+    Splits: digits and photos 'train' | 'test' | 'all' (a fixed split); tfds any split string it
+    knows ('train', 'test', 'train[:90%]', ...); an image folder is one split, 'train'.
     """
     cache = cfg.get("cache_in_memory", False)
     if not isinstance(cache, bool):
@@ -59,8 +66,8 @@ def _create_source(cfg, split: str):
     dataset = cfg.get("dataset")
     if not isinstance(dataset, str) or not dataset:
         raise ValueError(
-            "data.dataset must be 'digits', 'folder:<path>' (or 'folder' with data.data_dir) "
-            f"or a tfds dataset name, got {dataset!r}"
+            "data.dataset must be 'digits', 'photos', 'folder:<path>' (or 'folder' with "
+            f"data.data_dir) or a tfds dataset name, got {dataset!r}"
         )
     image_size, num_channels = _image_size(cfg), _num_channels(cfg)
     data_dir = cfg.get("data_dir")
@@ -69,6 +76,11 @@ def _create_source(cfg, split: str):
         if split not in DIGITS_SPLITS:
             raise ValueError(f"digits split must be one of {DIGITS_SPLITS}, got {split!r}")
         return DigitsSource(split, image_size=image_size, num_channels=num_channels)
+
+    if dataset == "photos":
+        if split not in PHOTOS_SPLITS:
+            raise ValueError(f"photos split must be one of {PHOTOS_SPLITS}, got {split!r}")
+        return PhotoPatchSource(split, image_size=image_size, num_channels=num_channels)
 
     if dataset == "folder" or dataset.startswith(FOLDER_PREFIX):
         root = dataset[len(FOLDER_PREFIX) :] if dataset != "folder" else data_dir

@@ -1,5 +1,6 @@
 """Sample-quality metrics: FID and Inception Score, with InceptionV3 (natural images) or a small
-digits classifier (the embedded 8x8 digits) as the feature network.
+digits classifier (the embedded 8x8 digits) as the feature network; PSNR and SSIM against
+reference images (`image_quality`).
 
 The Inception weights are converted once with `python -m diffusion_jax.metrics.convert_inception`
 (that module needs torch and is not imported here).
@@ -17,6 +18,7 @@ from diffusion_jax.metrics.fid import (
     load_statistics,
     save_statistics,
 )
+from diffusion_jax.metrics.image_quality import psnr, ssim
 from diffusion_jax.metrics.inception import (
     InceptionV3,
     inception_features,
@@ -36,5 +38,7 @@ __all__ = [
     "inception_score",
     "load_inception_params",
     "load_statistics",
+    "psnr",
     "save_statistics",
+    "ssim",
 ]
