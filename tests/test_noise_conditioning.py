@@ -309,3 +309,12 @@ def test_the_train_cli_refuses_a_sampling_schedule_for_a_timestep_model(tmp_path
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "noise_conditioning='timestep'" in errors[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_the_sample_cli_bounds_steps_by_the_sampling_schedule():
+    from diffusion_jax import cli, sample
+
+    config = tiny_config(SR3)
+    assert sample.sampler_options(config, steps=100)["steps"] == 100
+    with pytest.raises(cli.UserError, match=r"--steps=101: expected 1 to 100 .*sampling\.schedule"):
+        sample.sampler_options(config, steps=101)
