@@ -49,6 +49,12 @@ def base_config() -> config_dict.ConfigDict:
     config.diffusion = dict(
         schedule="linear",  # beta_1 = 1e-4 ... beta_T = 0.02
         num_timesteps=1000,
+        # Unset: the schedule's defaults for T (DDPM's 1e-4 and 0.02 scaled by 1000 / T).
+        beta_start=config_dict.placeholder(float),
+        beta_end=config_dict.placeholder(float),
+        # diffusion.NOISE_CONDITIONINGS: "timestep" (t) or "sqrt_alpha_bar" (SR3's continuous
+        # level, which lets sampling.schedule differ from the training schedule).
+        noise_conditioning="timestep",
         parameterization="eps",
         var_type="fixed_large",  # sigma_t^2 = beta_t for sampling (Sec. 3.2)
         loss_type="simple",  # L_simple (eq. 14)
@@ -77,7 +83,21 @@ def base_config() -> config_dict.ConfigDict:
         nan_policy="stop",  # or "skip": drop the update and count it
         mixed_precision=False,  # bfloat16 activations, float32 parameters (GPU/TPU)
     )
-    config.sampling = dict(sampler="ddpm", steps=1000, eta=0.0, clip_denoised=True, batch_size=256)
+    config.sampling = dict(
+        sampler="ddpm",
+        steps=1000,  # at most the sampling schedule's num_timesteps
+        eta=0.0,
+        clip_denoised=True,
+        batch_size=256,
+        # The schedule the chain runs on (respaced to `steps`); name "" = the training schedule.
+        # Another one needs diffusion.noise_conditioning="sqrt_alpha_bar".
+        schedule=dict(
+            name="",
+            num_timesteps=0,
+            beta_start=config_dict.placeholder(float),
+            beta_end=config_dict.placeholder(float),
+        ),
+    )
     config.distributed = dict(
         coordinator_address="",  # "host:port" of process 0, or "auto" (TPU pods, SLURM)
         num_processes=1,

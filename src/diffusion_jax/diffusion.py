@@ -1,14 +1,17 @@
 """The diffusion process as pure functions of (Schedule, arrays).
 
 Equation numbers refer to Ho et al. 2020 (DDPM) unless said otherwise; learned variances and
-the hybrid loss are Nichol & Dhariwal 2021 (improved DDPM); v is Salimans & Ho 2022.
-A model reaches this module only as `denoise_fn(x_t, t, **model_kwargs) -> output`, where t is the
-schedule's `timesteps[t]` (the original step for a respaced schedule).
+the hybrid loss are Nichol & Dhariwal 2021 (improved DDPM); v is Salimans & Ho 2022; continuous
+noise-level conditioning is WaveGrad's (Chen et al. 2020) and SR3's (Saharia et al. 2021).
+A model reaches this module only as `denoise_fn(x_t, t, **model_kwargs) -> output`, where t is
+what `model_time` gives for the NOISE_CONDITIONINGS entry: the schedule's `timesteps[t]` (the
+original step for a respaced schedule), or a continuous noise level.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -26,8 +29,22 @@ def check_choice(name: str, value, allowed) -> str:
     return value
 
 
-def check_options(*, parameterization=None, var_type=None, loss_type=None) -> None:
+def check_options(
+    *, parameterization=None, var_type=None, loss_type=None, noise_conditioning=None
+) -> None:
     """Check the enum options once, at the entry of a public function."""
+    if noise_conditioning is not None:
+        check_choice("noise_conditioning", noise_conditioning, NOISE_CONDITIONINGS)
+        if NOISE_CONDITIONINGS[noise_conditioning].of_level is not None and (
+            (loss_type is not None and LOSS_TYPES[loss_type].vb)
+            or (var_type is not None and VAR_TYPES[var_type].learned)
+        ):
+            raise ValueError(
+                f"noise_conditioning {noise_conditioning!r} trains on levels drawn between the "
+                "schedule's steps, where the bound's terms L_t (loss_type 'kl', 'hybrid') and "
+                "the learned variance between beta_t and beta-tilde_t (var_type "
+                "'learned_range') are not defined; use loss_type 'simple' with a fixed variance"
+            )
     if parameterization is not None:
         check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     if var_type is not None:
@@ -128,9 +145,11 @@ def predict_eps_from_x0(s: Schedule, x_t, t, x0):
 
 def get_v(s: Schedule, x0, eps, t):
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, Sec. 4)."""
-    return (
-        extract(s.sqrt_alphas_cumprod, t, x0.shape) * eps
-        - extract(s.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+    return _v_target(
+        extract(s.sqrt_alphas_cumprod, t, x0.shape),
+        extract(s.sqrt_one_minus_alphas_cumprod, t, x0.shape),
+        x0,
+        eps,
     )
 
 
@@ -154,18 +173,25 @@ def _x0_from_x0(s: Schedule, x_t, t, x0):
     return x0
 
 
-def _eps_target(s: Schedule, x0, noise, t):
+def _eps_target(alpha, sigma, x0, noise):
     return noise
 
 
-def _x0_target(s: Schedule, x0, noise, t):
+def _x0_target(alpha, sigma, x0, noise):
     return x0
+
+
+def _v_target(alpha, sigma, x0, noise):
+    """v = alpha eps - sigma x_0 (Salimans & Ho 2022, Sec. 4)."""
+    return alpha * noise - sigma * x0
 
 
 @dataclasses.dataclass(frozen=True)
 class Parameterization:
     """What the network predicts: `to_x0(s, x_t, t, output)` recovers x_0 from its output, and
-    `target(s, x0, noise, t)` is what L_simple regresses it on."""
+    `target(alpha, sigma, x0, noise)` is what L_simple regresses it on for
+    x_t = alpha x_0 + sigma noise (alpha, sigma broadcastable to x0: sqrt(abar_t) and
+    sqrt(1 - abar_t) of a step, or of a continuous level)."""
 
     to_x0: Callable
     target: Callable
@@ -175,7 +201,7 @@ class Parameterization:
 PARAMETERIZATIONS = {
     "eps": Parameterization(predict_x0_from_eps, _eps_target),  # Ho et al. eq. 11-12
     "x0": Parameterization(_x0_from_x0, _x0_target),
-    "v": Parameterization(predict_x0_from_v, get_v),  # Salimans & Ho 2022
+    "v": Parameterization(predict_x0_from_v, _v_target),  # Salimans & Ho 2022
 }
 
 
@@ -185,8 +211,87 @@ def predict_x0(s: Schedule, model_mean_output, x_t, t, parameterization: str):
 
 
 def training_target(s: Schedule, x0, noise, t, parameterization: str):
-    """What the network regresses: eps, x_0 or v."""
-    return PARAMETERIZATIONS[parameterization].target(s, x0, noise, t)
+    """What the network regresses at index t of s: eps, x0 or v."""
+    return PARAMETERIZATIONS[parameterization].target(
+        extract(s.sqrt_alphas_cumprod, t, x0.shape),
+        extract(s.sqrt_one_minus_alphas_cumprod, t, x0.shape),
+        x0,
+        noise,
+    )
+
+
+# --- what the network is told of the noise level ------------------------------------------
+
+# The network's time input for a continuous level gamma = sqrt(alpha_bar) in [0, 1] is
+# NOISE_LEVEL_SCALE * gamma; see `scaled_level` for why 1000.
+NOISE_LEVEL_SCALE = 1000.0
+
+
+def scaled_level(gamma):
+    """NOISE_LEVEL_SCALE * gamma: a level in [0, 1] as a time input in [0, 1000].
+
+    The UNet's sinusoidal embedding (max_period 10000) turns its fastest feature by one radian
+    per unit of input and its slowest by 1e-4: it was made for integer steps 0..1000. Scaled by
+    1000, a level moves the fastest feature by one radian per 1e-3 of gamma (about one step of
+    a 1000-step schedule at mid noise), as one integer step does, while the slowest feature
+    stays monotone over the whole range (0.1 rad), so the embedding orders and separates
+    levels as it does timesteps. Unscaled (gamma itself, as Janspiry's public SR3 code feeds
+    it), every feature turns by at most one radian over [0, 1]: the embedding is nearly linear
+    in gamma and levels 1e-3 apart differ in it by about 1e-3. ivanvovk's public WaveGrad code
+    scales by 5000; 1000 keeps a continuous model's inputs in the range of a T = 1000 timestep
+    model's, so the same network and embedding serve both.
+    """
+    return NOISE_LEVEL_SCALE * gamma
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConditioning:
+    """What the network sees of the noise level. `of_level(gamma)` maps a continuous level
+    gamma = sqrt(alpha_bar) to its time input; None: it sees the integer timestep
+    `s.timesteps[t]`, and only the steps it was trained on. A continuous conditioning trains
+    on levels drawn between adjacent steps (`sample_noise_level`) and samples with
+    sqrt(alpha_bar_t) of whatever schedule the chain runs on."""
+
+    of_level: Callable | None
+
+
+# The one table of noise conditionings: config.diffusion.noise_conditioning.
+NOISE_CONDITIONINGS = {
+    "timestep": NoiseConditioning(None),  # Ho et al.: t
+    "sqrt_alpha_bar": NoiseConditioning(scaled_level),  # WaveGrad / SR3: sqrt(alpha_bar)
+}
+
+
+def is_continuous(noise_conditioning: str) -> bool:
+    """Whether the network sees a continuous level (and can sample on other schedules)."""
+    check_choice("noise_conditioning", noise_conditioning, NOISE_CONDITIONINGS)
+    return NOISE_CONDITIONINGS[noise_conditioning].of_level is not None
+
+
+def model_time(s: Schedule, t, noise_conditioning: str = "timestep", level=None):
+    """The network's time input (B,) at indices t of s: `s.timesteps[t]`, or for a continuous
+    conditioning of_level(gamma) with gamma = sqrt(alpha_bar_t), or `level` (B,) when given
+    (a level drawn in training)."""
+    of_level = NOISE_CONDITIONINGS[noise_conditioning].of_level
+    if of_level is None:
+        if level is not None:
+            raise ValueError("a level was given but noise_conditioning 'timestep' takes none")
+        return jnp.take(s.timesteps, t)
+    return of_level(jnp.take(s.sqrt_alphas_cumprod, t) if level is None else level)
+
+
+def sample_noise_level(s: Schedule, t, key):
+    """gamma (B,) ~ U(sqrt(alpha_bar_t), sqrt(alpha_bar_{t-1})) at indices t, with
+    sqrt(alpha_bar_0) = 1 at t = 0 (WaveGrad Alg. 1, SR3 Sec. 2.4).
+
+    Uniform in sqrt(alpha_bar), as WaveGrad and SR3's public code draw it (SR3's paper writes
+    the draw uniform in alpha_bar; over one step the two differ by a factor 1 + O(beta) in
+    density). Over uniform t the levels cover [sqrt(alpha_bar_T), 1] with no gaps.
+    """
+    lower = jnp.take(s.sqrt_alphas_cumprod, t)
+    upper = jnp.sqrt(jnp.take(s.alphas_cumprod_prev, t))
+    u = jax.random.uniform(key, t.shape, lower.dtype)
+    return lower + (upper - lower) * u
 
 
 # --- the reverse process ---------------------------------------------------------------
@@ -354,21 +459,44 @@ def training_losses(
     loss_type: str = "simple",
     hybrid_lambda: float = 0.001,
     model_kwargs: dict | None = None,
+    noise_conditioning: str = "timestep",
 ):
     """Per-example training losses at timesteps t; returns a dict with "loss" (B,) and the
     terms it is made of: "mse" (mean-flat ||target - output||^2, target eps, x0 or v) and "vb"
-    (L_t in bits/dim), as LOSS_TYPES[loss_type] combines them."""
-    check_options(parameterization=parameterization, var_type=var_type, loss_type=loss_type)
+    (L_t in bits/dim), as LOSS_TYPES[loss_type] combines them.
+
+    With a continuous noise_conditioning, x_t = gamma x_0 + sqrt(1 - gamma^2) eps at a level
+    gamma drawn by `sample_noise_level` (key split for it), the network sees that gamma, and
+    the target is the one of that level; the loss is then L_simple only (check_options)."""
+    check_options(
+        parameterization=parameterization,
+        var_type=var_type,
+        loss_type=loss_type,
+        noise_conditioning=noise_conditioning,
+    )
     check_timesteps(s, t, x0.shape[0])
-    noise = jax.random.normal(key, x0.shape, x0.dtype)
-    x_t = q_sample(s, x0, t, noise)
-    model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(model_kwargs or {}))
+    if is_continuous(noise_conditioning):
+        noise_key, level_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        gamma = sample_noise_level(s, t, level_key)
+        alpha = gamma.reshape((-1,) + (1,) * (x0.ndim - 1))
+        sigma = jnp.sqrt(1.0 - jnp.square(alpha))
+        x_t = alpha * x0 + sigma * noise
+        time = model_time(s, t, noise_conditioning, level=gamma)
+        target_fn = functools.partial(
+            PARAMETERIZATIONS[parameterization].target, alpha, sigma, x0, noise
+        )
+    else:
+        noise = jax.random.normal(key, x0.shape, x0.dtype)
+        x_t = q_sample(s, x0, t, noise)
+        time = model_time(s, t, noise_conditioning)
+        target_fn = functools.partial(training_target, s, x0, noise, t, parameterization)
+    model_output = denoise_fn(x_t, time, **(model_kwargs or {}))
     mean_output, var_values = split_model_output(model_output, x_t, var_type)
     loss = LOSS_TYPES[loss_type]
     terms = {}
     if loss.mse:
-        target = training_target(s, x0, noise, t, parameterization)
-        terms["mse"] = mean_flat(jnp.square(target - mean_output))
+        terms["mse"] = mean_flat(jnp.square(target_fn() - mean_output))
     if loss.vb:
         frozen = mean_output if loss.vb_trains_mean else jax.lax.stop_gradient(mean_output)
         vb_output = frozen if var_values is None else jnp.concatenate([frozen, var_values], -1)
@@ -397,22 +525,30 @@ def calc_bpd(
     clip_denoised: bool = True,
     t_batch_size: int | None = None,
     model_kwargs: dict | None = None,
+    noise_conditioning: str = "timestep",
 ):
     """The full variational bound of a batch in bits/dim (eq. 5 summed over all T terms).
 
     Every term is evaluated with its own noise (key folded with t); the T evaluations run as one
-    `lax.map` over t, `t_batch_size` of them vectorised at a time (None: one at a time).
+    `lax.map` over t, `t_batch_size` of them vectorised at a time (None: one at a time). The
+    network sees `model_time` at each step t: with a continuous noise_conditioning the level
+    sqrt(alpha_bar_t) of s, so this is the bound of the chain on s's discrete steps.
     Returns total_bpd, prior_bpd, terms_bpd (sum of L_0..L_{T-1}), decoder_bpd (L_0), each (B,),
     and vb, mse, x0_mse of shape (B, T).
     """
-    check_options(parameterization=parameterization, var_type=var_type)
+    check_options(
+        parameterization=parameterization,
+        var_type=var_type,
+        noise_conditioning=noise_conditioning,
+    )
     batch = x0.shape[0]
 
     def one_t(t_scalar):
         t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape, x0.dtype)
         x_t = q_sample(s, x0, t, noise)
-        model_output = denoise_fn(x_t, jnp.take(s.timesteps, t), **(model_kwargs or {}))
+        time = model_time(s, t, noise_conditioning)
+        model_output = denoise_fn(x_t, time, **(model_kwargs or {}))
         out = p_mean_variance(
             s,
             model_output,

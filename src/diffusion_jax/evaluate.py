@@ -114,6 +114,7 @@ def make_bpd_fn(model, schedule, config, mesh, t_batch_size: int | None = None):
             var_type=d.var_type,
             clip_denoised=config.sampling.clip_denoised,
             t_batch_size=t_batch_size,
+            noise_conditioning=d.get("noise_conditioning", "timestep"),
         )
         return {part: out[part] for part in BPD_PARTS}
 

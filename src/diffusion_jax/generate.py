@@ -12,19 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_jax import parallel, samplers
+from diffusion_jax import parallel, samplers, schedules
 from diffusion_jax.data import to_uint8
 
 
 def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
     """sample(params, key, num_samples, *, batch_size, sampler, steps, eta) -> uint8 (N,H,W,C).
 
-    Defaults come from config.sampling. Sample i's x_T and chain noise depend only on (key, i)
+    The chain runs on schedules.sampling_schedule(config, schedule): config.sampling.schedule
+    when it names one, else `schedule` (the training schedule). Defaults come from
+    config.sampling. Sample i's x_T and chain noise depend only on (key, i)
     (samplers.per_sample_normal with the global index i), so sample i is the same whatever the
     batch size or the device count. The chain is compiled once per (batch, sampler): the
     first index of a batch is traced.
     """
     d, sc = config.diffusion, config.sampling
+    schedule = schedules.sampling_schedule(config, schedule)
     size, channels = config.data.image_size, config.data.num_channels
     num_devices = mesh.devices.size
     progress_fn = samplers.tqdm_progress("denoising") if progress else None
@@ -50,6 +53,7 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
             clip_denoised=sc.clip_denoised,
             progress_fn=progress_fn,
             sample_index=sample_index,
+            noise_conditioning=d.get("noise_conditioning", "timestep"),
         )["sample"]
 
     compiled = jax.jit(chain, static_argnums=(6, 7))

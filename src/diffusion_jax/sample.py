@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import __version__, cli, generate, grid, hostmem, parallel
+from diffusion_jax import __version__, cli, generate, grid, hostmem, parallel, schedules
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.samplers import SAMPLERS
 from diffusion_jax.workdir import Workdir, load_config, load_workdir
@@ -32,7 +32,10 @@ GRID_IMAGES = 100
 
 def sampler_options(config, *, sampler=None, steps=None, eta=None, batch_size=None) -> dict:
     """The options make_sampler takes: the given ones, else config.sampling's; checked."""
-    sc, num_timesteps = config.sampling, config.diffusion.num_timesteps
+    sc = config.sampling
+    field, num_timesteps = "diffusion.num_timesteps", config.diffusion.num_timesteps
+    if (own := schedules.sampling_schedule_args(config)) is not None:  # the chain's schedule
+        field, num_timesteps = "sampling.schedule.num_timesteps", own[1]
     sampler = sc.sampler if sampler is None else sampler
     steps = sc.steps if steps is None else steps
     eta = sc.eta if eta is None else eta
@@ -41,8 +44,7 @@ def sampler_options(config, *, sampler=None, steps=None, eta=None, batch_size=No
         raise cli.UserError(f"--sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if not 1 <= steps <= num_timesteps:
         raise cli.UserError(
-            f"--steps={steps}: expected 1 to {num_timesteps} (the workdir's "
-            "diffusion.num_timesteps)"
+            f"--steps={steps}: expected 1 to {num_timesteps} (the workdir's {field})"
         )
     if not 0.0 <= eta <= 1.0:
         raise cli.UserError(f"--eta={eta}: expected a number in [0, 1]")

@@ -260,11 +260,15 @@ def run_chain(
     progress_fn: Callable | None = None,
     model_kwargs: dict | None = None,
     sample_index=None,
+    noise_conditioning: str = "timestep",
 ):
     """Run a reverse chain from x_T over indices num_steps-1, ..., 0 of (padded) schedule s.
 
-    `sampler` names a SAMPLERS entry. The noise of chain index n for row i is drawn from
-    fold_in(fold_in(key, n), sample_index[i]) (sample_index defaults to arange(B)).
+    `sampler` names a SAMPLERS entry. The network sees `diffusion.model_time` of s at each
+    index: the original timestep, or with a continuous noise_conditioning sqrt(alpha_bar_t) of
+    s itself, so s may be another schedule than the training one. The noise of chain index n
+    for row i is drawn from fold_in(fold_in(key, n), sample_index[i]) (sample_index defaults to
+    arange(B)).
     Jittable; `num_steps`, `eta`, `x_T` and `sample_index` may be traced. Returns a dict with
     "sample" and, when intermediates_every = k > 0, "x_t" and "pred_x0" of shape
     (ceil(T/k), *x_T.shape): the state after chain steps k-1, 2k-1, ... (entries past the last
@@ -274,7 +278,11 @@ def run_chain(
     callback is a host round trip that slows a CPU chain (experiments/PERFORMANCE.md).
     """
     diffusion.check_choice("sampler", sampler, SAMPLERS)
-    diffusion.check_options(parameterization=parameterization, var_type=var_type)
+    diffusion.check_options(
+        parameterization=parameterization,
+        var_type=var_type,
+        noise_conditioning=noise_conditioning,
+    )
     method = SAMPLERS[sampler]
     batch = x_T.shape[0]
     if sample_index is None:
@@ -290,7 +298,8 @@ def run_chain(
         x, state, frames = carry
         index = num_steps - 1 - i
         t = jnp.full((batch,), index, dtype=jnp.int32)
-        model_output = denoise_fn(x, jnp.take(s.timesteps, t), **(model_kwargs or {}))
+        time = diffusion.model_time(s, t, noise_conditioning)
+        model_output = denoise_fn(x, time, **(model_kwargs or {}))
         noise = None
         if method.uses_noise:
             step_key = jax.random.fold_in(key, index)
@@ -379,6 +388,7 @@ def ddpm_sample(
     intermediates_every: int = 0,
     progress_fn: Callable | None = None,
     model_kwargs: dict | None = None,
+    noise_conditioning: str = "timestep",
 ):
     """Ancestral sampling (DDPM Algorithm 2) from N(0, I), over all T steps or `num_steps`
     evenly respaced ones (improved DDPM). Returns samples of `shape`, or with
@@ -396,6 +406,7 @@ def ddpm_sample(
         clip_denoised=clip_denoised,
         progress_fn=progress_fn,
         model_kwargs=model_kwargs,
+        noise_conditioning=noise_conditioning,
     )
 
 
@@ -413,6 +424,7 @@ def ddim_sample(
     intermediates_every: int = 0,
     progress_fn: Callable | None = None,
     model_kwargs: dict | None = None,
+    noise_conditioning: str = "timestep",
 ):
     """DDIM sampling over `num_steps` evenly spread steps; eta = 0 is deterministic, eta = 1
     matches DDPM ancestral sampling with the posterior variance."""
@@ -432,6 +444,7 @@ def ddim_sample(
         clip_denoised=clip_denoised,
         progress_fn=progress_fn,
         model_kwargs=model_kwargs,
+        noise_conditioning=noise_conditioning,
     )
 
 
@@ -445,18 +458,25 @@ def ddim_invert(
     var_type: str = "fixed_large",
     clip_denoised: bool = False,
     model_kwargs: dict | None = None,
+    noise_conditioning: str = "timestep",
 ):
     """Deterministic DDIM encoding x_0 -> x_T (Song et al. 2021, Sec. 4.3), the inverse of
     `ddim_sample(eta=0)` up to discretisation: at index i the model sees x (at noise level
-    abar_{i-1}) with time t_i, and x moves along its eps to level abar_i."""
-    diffusion.check_options(parameterization=parameterization, var_type=var_type)
+    abar_{i-1}) with the time input of index i (`diffusion.model_time`), and x moves along its
+    eps to level abar_i."""
+    diffusion.check_options(
+        parameterization=parameterization,
+        var_type=var_type,
+        noise_conditioning=noise_conditioning,
+    )
     _check_shape(x0.shape)
     padded = prepare_schedule(s, num_steps)
     batch = x0.shape[0]
 
     def body(i, x):
         t = jnp.full((batch,), i, dtype=jnp.int32)
-        model_output = denoise_fn(x, jnp.take(padded.timesteps, t), **(model_kwargs or {}))
+        time = diffusion.model_time(padded, t, noise_conditioning)
+        model_output = denoise_fn(x, time, **(model_kwargs or {}))
         out = p_mean_variance(
             padded,
             model_output,

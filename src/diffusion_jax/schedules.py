@@ -233,3 +233,44 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     betas = 1.0 - kept / np.append(1.0, kept[:-1])
     original = np.asarray(schedule.timesteps)[timesteps]
     return from_betas(betas, timesteps=original)
+
+
+def _schedule_args(name: str, num_timesteps: int, fields) -> tuple[str, int, dict]:
+    """(name, T, get_beta_schedule's keyword arguments) of a schedule config: its beta_start and
+    beta_end where set (None or absent: get_beta_schedule's defaults for T)."""
+    kwargs = {k: fields.get(k) for k in ("beta_start", "beta_end") if fields.get(k) is not None}
+    return name, num_timesteps, kwargs
+
+
+def training_schedule_args(config) -> tuple[str, int, dict]:
+    """(name, T, kwargs) of the training schedule: config.diffusion's schedule, num_timesteps,
+    beta_start and beta_end."""
+    d = config.diffusion
+    return _schedule_args(d.schedule, d.num_timesteps, d)
+
+
+def sampling_schedule_args(config) -> tuple[str, int, dict] | None:
+    """(name, T, kwargs) of config.sampling.schedule, or None when it names no schedule (the
+    chain then runs on the training schedule)."""
+    spec = config.sampling.get("schedule") or {}
+    if not spec.get("name"):
+        return None
+    return _schedule_args(spec["name"], spec.get("num_timesteps"), spec)
+
+
+def training_schedule(config) -> Schedule:
+    """The Schedule the model is trained on (training_schedule_args)."""
+    name, num_timesteps, kwargs = training_schedule_args(config)
+    return make_schedule(name, num_timesteps, **kwargs)
+
+
+def sampling_schedule(config, training: Schedule | None = None) -> Schedule:
+    """The Schedule the reverse chain runs on, before the sampler respaces it to its steps:
+    config.sampling.schedule when it names one (SR3: a model conditioned on the continuous
+    level sqrt(alpha_bar) samples on another schedule than it was trained on), else the
+    training schedule (`training` when given, saving its construction)."""
+    args = sampling_schedule_args(config)
+    if args is None:
+        return training_schedule(config) if training is None else training
+    name, num_timesteps, kwargs = args
+    return make_schedule(name, num_timesteps, **kwargs)

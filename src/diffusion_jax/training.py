@@ -45,7 +45,8 @@ def model_config(config) -> config_dict.ConfigDict:
 
 
 def make_schedule(config) -> schedules.Schedule:
-    return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    """The training schedule: config.diffusion's name, num_timesteps and beta range."""
+    return schedules.training_schedule(config)
 
 
 # Learning-rate schedules: name -> (optim config, num_train_steps) -> schedule(count), where
@@ -150,6 +151,7 @@ def make_loss_fn(model, schedule: schedules.Schedule, config):
         var_type=d.var_type,
         loss_type=d.loss_type,
         hybrid_lambda=d.hybrid_lambda,
+        noise_conditioning=d.get("noise_conditioning", "timestep"),
     )
 
     def loss(params, images, key):

@@ -13,6 +13,12 @@ from diffusion_jax import diffusion, samplers, schedules, training
 
 NAN_POLICIES = ("stop", "skip")
 
+# How far (in gamma = sqrt(alpha_bar)) a sampling schedule's smallest level may fall below the
+# smallest level the model was trained on: 1e-3 is one unit of the network's time input
+# (diffusion.scaled_level), the spacing of adjacent integer timesteps of a T = 1000 model, well
+# inside what the embedding interpolates; float32 rounding of the levels is about 1e-7.
+LEVEL_SLACK = 1e-3
+
 
 class ConfigError(ValueError):
     """A bad config value; the message is meant to be shown to the user as it is."""
@@ -71,7 +77,10 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _choice(config, "diffusion.schedule", schedules.SCHEDULES)
     _int(config, "diffusion.num_timesteps", 2)
     _choice(config, "diffusion.parameterization", diffusion.PARAMETERIZATIONS)
-    _check_schedule(config.diffusion)
+    for field in ("beta_start", "beta_end"):
+        if config.diffusion.get(field) is not None:
+            _float(config, f"diffusion.{field}", 0.0, 1.0, lo_open=True, hi_open=True)
+    _check_schedule(config)
     _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
     _choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
     try:
@@ -80,6 +89,18 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         )
     except ValueError as e:
         raise ConfigError(f"config.diffusion.loss_type: {e}") from None
+    # Absent from the config.json of workdirs written before it existed: "timestep".
+    noise_conditioning = config.diffusion.get("noise_conditioning", "timestep")
+    if noise_conditioning not in diffusion.NOISE_CONDITIONINGS:
+        _choice(config, "diffusion.noise_conditioning", diffusion.NOISE_CONDITIONINGS)
+    try:
+        diffusion.check_options(
+            var_type=config.diffusion.var_type,
+            loss_type=config.diffusion.loss_type,
+            noise_conditioning=noise_conditioning,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.diffusion.noise_conditioning: {e}") from None
     _float(config, "diffusion.hybrid_lambda", 0.0, float("inf"))
     # Optimisation.
     _choice(config, "optim.optimizer", tuple(training.OPTIMIZERS))
@@ -101,11 +122,13 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     # Sampling.
     _choice(config, "sampling.sampler", samplers.SAMPLERS)
     _int(config, "sampling.steps", 1)
-    if config.sampling.steps > config.diffusion.num_timesteps:
+    sampling_timesteps = _check_sampling_schedule(config)
+    limit = ("sampling.schedule", sampling_timesteps)
+    if sampling_timesteps is None:
+        limit = ("diffusion", config.diffusion.num_timesteps)
+    if config.sampling.steps > limit[1]:
         _fail(
-            "sampling.steps",
-            config.sampling.steps,
-            f"at most diffusion.num_timesteps={config.diffusion.num_timesteps}",
+            "sampling.steps", config.sampling.steps, f"at most {limit[0]}.num_timesteps={limit[1]}"
         )
     _float(config, "sampling.eta", 0.0, 1.0)
     _int(config, "sampling.batch_size", 1)
@@ -152,21 +175,79 @@ def _str(config, field: str) -> None:
         _fail(field, value, "a string")
 
 
-def _check_schedule(d) -> None:
-    """The betas must be valid, and eps-prediction needs alpha_bar > 0 at the last step."""
+def _betas(args, prefix: str, parameterization: str) -> np.ndarray:
+    """The betas of schedule args (name, T, kwargs) from the schedules.*_schedule_args
+    functions, whose fields sit under `prefix`; valid, and with alpha_bar > 0 at the last step
+    for eps-prediction."""
+    name, num_timesteps, kwargs = args
     try:
-        betas = schedules.get_beta_schedule(d.schedule, d.num_timesteps)
+        betas = schedules.get_beta_schedule(name, num_timesteps, **kwargs)
     except ValueError as e:
         reason = str(e).split(";")[0]
-        _fail("diffusion.num_timesteps", d.num_timesteps, f"a T {d.schedule!r} allows: {reason}")
-    if d.parameterization == "eps" and np.float32(np.prod(1.0 - betas)) == 0.0:
+        _fail(f"{prefix}num_timesteps", num_timesteps, f"a T {name!r} allows: {reason}")
+    if parameterization == "eps" and np.float32(np.prod(1.0 - betas)) == 0.0:
         _fail(
-            "diffusion.num_timesteps",
-            d.num_timesteps,
-            f"a T whose {d.schedule!r} schedule keeps alpha_bar > 0 at the last step (here beta "
+            f"{prefix}num_timesteps",
+            num_timesteps,
+            f"a T whose {name!r} schedule keeps alpha_bar > 0 at the last step (here beta "
             "reaches 1, where eps-prediction cannot recover x0 and samples are NaN); use a larger "
             "T, another schedule, or parameterization 'v' or 'x0'",
         )
+    return betas
+
+
+def _check_schedule(config) -> np.ndarray:
+    """The training schedule's betas, valid (see _betas)."""
+    args = schedules.training_schedule_args(config)
+    return _betas(args, "diffusion.", config.diffusion.parameterization)
+
+
+def _check_sampling_schedule(config) -> int | None:
+    """config.sampling.schedule, when it names one: a valid schedule, for a model conditioned
+    on a continuous level, whose levels sqrt(alpha_bar) lie in the trained range. Returns its
+    T (None: the chain runs on the training schedule).
+
+    Training draws levels over [sqrt(alpha_bar_T), 1] of the training schedule
+    (diffusion.sample_noise_level, up to sqrt(alpha_bar_0) = 1 at t = 0), so a sampling
+    schedule's largest level sqrt(alpha_bar_1) < 1 is always inside it; its smallest,
+    sqrt(alpha_bar_T), must not fall below the training one's by more than LEVEL_SLACK.
+    """
+    spec = config.sampling.get("schedule") or {}
+    name = spec.get("name", "")
+    if not name:
+        return None
+    if name not in schedules.SCHEDULES:
+        _fail(
+            "sampling.schedule.name",
+            name,
+            "'' (the training schedule) or one of " + ", ".join(map(repr, schedules.SCHEDULES)),
+        )
+    noise_conditioning = config.diffusion.get("noise_conditioning", "timestep")
+    if not diffusion.is_continuous(noise_conditioning):
+        _fail(
+            "sampling.schedule.name",
+            name,
+            f"'' with diffusion.noise_conditioning={noise_conditioning!r}: a model conditioned "
+            "on timesteps knows only its training schedule's steps (sample on fewer of them with "
+            "sampling.steps); another schedule needs noise_conditioning 'sqrt_alpha_bar'",
+        )
+    _int(config, "sampling.schedule.num_timesteps", 1)
+    for field in ("beta_start", "beta_end"):
+        if spec.get(field) is not None:
+            _float(config, f"sampling.schedule.{field}", 0.0, 1.0, lo_open=True, hi_open=True)
+    args = schedules.sampling_schedule_args(config)
+    betas = _betas(args, "sampling.schedule.", config.diffusion.parameterization)
+    train = _check_schedule(config)
+    lowest, trained = np.sqrt(np.prod(1.0 - betas)), np.sqrt(np.prod(1.0 - train))
+    if lowest < trained - LEVEL_SLACK:
+        _fail(
+            "sampling.schedule",
+            spec.to_dict() if hasattr(spec, "to_dict") else dict(spec),
+            f"noise levels the model was trained on: its smallest sqrt(alpha_bar) is "
+            f"{lowest:.3g}, below the training schedule's smallest {trained:.3g} (slack "
+            f"{LEVEL_SLACK:g}); use fewer or smaller betas, or train to a higher noise level",
+        )
+    return args[1]
 
 
 # What conditioning needs that the train step does not feed yet: its batches hold images only.
