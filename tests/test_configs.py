@@ -2,13 +2,15 @@
 are named and checked, and the CLI takes `file.py:variant`."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from diffusion_jax import models
+from diffusion_jax import models, workdir
+from diffusion_jax.cli import UserError
 from diffusion_jax.config import base_config, load_config, override
 from diffusion_jax.validation import validate_config
 
@@ -80,3 +82,16 @@ def test_cli_takes_a_variant_and_names_a_bad_one(tmp_path):
     last = bad.stderr.strip().splitlines()[-1]
     assert "unknown config variant 'vee'; this config has: x0, v" in last
     assert "Traceback" not in last
+
+
+def test_resuming_refuses_another_noise_conditioning_but_reads_configs_written_before_it():
+    """The network's time input means a step index or a noise level: same parameter shapes,
+    another model. A config.json without the field (written before it existed) is "timestep"."""
+    config = load_config(str(CONFIGS[0].parent / "ddpm_digits.py"))
+    saved = json.loads(config.to_json())
+    workdir.check_workdir_config("W", saved, config)
+    del saved["diffusion"]["noise_conditioning"]
+    workdir.check_workdir_config("W", saved, config)
+    override(config, {"diffusion.noise_conditioning": "sqrt_alpha_bar"})
+    with pytest.raises(UserError, match="noise_conditioning='timestep' but this config has"):
+        workdir.check_workdir_config("W", saved, config)

@@ -1,6 +1,6 @@
 """A workdir's files: config.json, checkpoints/, metrics.jsonl and tensorboard/.
 
-For train: the saved config.json, checked against SHAPE_FIELDS and compared field by field
+For train: the saved config.json, checked against SHAPE_FIELDS and INPUT_FIELDS and compared field by field
 with a new config, writing it, and MetricsWriter. For the sample and
 evaluate CLIs, read-only: the config, the model and schedule it describes, and the EMA
 parameters of the newest readable checkpoint (where a resuming train run moves an unreadable
@@ -45,6 +45,9 @@ SHAPE_FIELDS = (
     "diffusion.var_type",
     "optim.optimizer",
 )
+# Fields that fix what the network's inputs mean (same shapes, other semantics), with the value a
+# config.json written before the field existed implies.
+INPUT_FIELDS = {"diffusion.noise_conditioning": "timestep"}
 
 
 def saved_config(workdir) -> dict | None:
@@ -74,12 +77,15 @@ def config_differences(saved: dict, config) -> list[str]:
 
 
 def check_workdir_config(workdir, saved: dict | None, config) -> None:
-    """Refuse to resume a workdir whose saved config has other parameter shapes."""
+    """Refuse to resume a workdir whose saved config has other parameter shapes or inputs."""
     if saved is None:
         return
     old, new = _flatten(saved), _flatten(json.loads(config.to_json()))
-    for field in SHAPE_FIELDS:
-        if old.get(field) != new.get(field):
+    defaults = dict.fromkeys(SHAPE_FIELDS) | INPUT_FIELDS
+    for field, default in defaults.items():
+        old.setdefault(field, default)
+        new.setdefault(field, default)
+        if old[field] != new[field]:
             raise UserError(
                 f"workdir {workdir} was trained with config.{field}={old.get(field)!r} but this "
                 f"config has {new.get(field)!r}: use a new --workdir, or pass "
