@@ -42,8 +42,8 @@ def no_state(x_T):
 def condition_mean(s: Schedule, out: dict, x_t, t, grad) -> dict:
     """Classifier guidance on the mean (Dhariwal & Nichol 2021, Alg. 1): mu + Sigma grad.
 
-    grad is s * grad_x log p(y | x_t), already scaled; Sigma = exp(log_variance) of `out`
-    (p_mean_variance's dict), per pixel for a learned variance.
+    grad is scale * grad_x log p(y | x_t), the scale already applied; Sigma =
+    exp(log_variance) of `out` (p_mean_variance's dict), per pixel for a learned variance.
     """
     return {**out, "mean": out["mean"] + out["variance"] * grad}
 
@@ -240,8 +240,8 @@ class StepMethod:
     init_state(x_T) -> state is any pytree; uses_noise False means the step ignores its noise
     and the chain draws none (it passes None); timesteps(T, num_steps) -> the kept indices,
     increasing, for a chain of num_steps steps. Under classifier guidance the chain also passes
-    step(..., cond_grad=g, guidance=guidance), g = s * grad_x log p(y | x_t), and the step takes
-    its mean and x_0 from `guided_mean_variance`; `guidance` names the GUIDANCE_FORMS entry:
+    step(..., cond_grad=g, guidance=guidance), g = scale * grad_x log p(y | x_t), and the step
+    takes its mean and x_0 from `guided_mean_variance`; `guidance` names the GUIDANCE_FORMS entry:
     "mean" (Alg. 1, for ancestral steps whose variance is the model's) or "eps" (Alg. 2, for
     steps built from x_0 and eps). A step without these keywords runs unguided chains only.
     """
@@ -324,7 +324,7 @@ def run_chain(
     "sample" and, when intermediates_every = k > 0, "x_t" and "pred_x0" of shape
     (ceil(T/k), *x_T.shape): the state after chain steps k-1, 2k-1, ... (entries past the last
     step stay zero).
-    `cond_fn(x_t, t_model, **model_kwargs) -> s * grad_x log p(y | x_t)` (already scaled, e.g.
+    `cond_fn(x_t, t_model, **model_kwargs) -> scale * grad_x log p(y | x_t)` (already scaled, e.g.
     classifier_guidance.classifier_cond_fn), evaluated at every step where the model is, turns
     on classifier guidance (Dhariwal & Nichol 2021) in the form the sampler's StepMethod names.
     `progress_fn(step, total)` is called on the host (jax.debug.callback) after every

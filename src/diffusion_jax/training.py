@@ -1,12 +1,11 @@
 """The train state and the jitted train step; no CLI, no file paths.
 
-One step on a global batch: the loss of the OBJECTIVES entry config.training.objective
-(a denoiser's `diffusion.training_losses` at uniform t, or a noisy classifier's
-cross-entropy), an optimizer of the
-OPTIMIZERS table (Adam, AdamW) with a learning rate of the LR_SCHEDULES table after clipping the
-gradients' global norm, EMA of the parameters. A step whose loss or gradients are not finite
-leaves the state unchanged and is counted, so a state never holds NaNs; the loop decides
-(nan_policy) whether to stop or go on.
+One step on a global batch: the loss of the OBJECTIVES entry config.training.objective (a
+denoiser's `diffusion.training_losses` at uniform t, or a noisy classifier's cross-entropy), an
+optimizer of the OPTIMIZERS table (Adam, AdamW) with a learning rate of the LR_SCHEDULES table
+after clipping the gradients' global norm, EMA of the parameters. A step whose loss or
+gradients are not finite leaves the state unchanged and is counted, so a state never holds NaNs;
+the loop decides (nan_policy) whether to stop or go on.
 """
 
 from __future__ import annotations
