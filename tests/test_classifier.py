@@ -297,6 +297,12 @@ def test_load_classifier_returns_the_ema_classifier_and_refuses_another_image_si
         workdir_lib.load_classifier(tmp_path / "clf", conditional)
 
 
+def test_a_classifier_workdir_is_not_loaded_as_a_diffusion_model(tmp_path):
+    workdir_lib.write_config(tmp_path, load_config("configs/classifier_digits.py"))
+    with pytest.raises(UserError, match="training.objective='classifier', not a diffusion model"):
+        workdir_lib.load_workdir(tmp_path)
+
+
 def test_load_classifier_refuses_a_diffusion_workdir_before_reading_checkpoints(tmp_path):
     workdir_lib.write_config(tmp_path, load_config("configs/ddpm_digits.py"))  # no checkpoints
     with pytest.raises(UserError, match="training.objective='diffusion', not 'classifier'"):
