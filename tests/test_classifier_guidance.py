@@ -124,7 +124,7 @@ def test_a_zero_gradient_leaves_every_step_unchanged_bit_for_bit(s, sampler):
         state,
         **options,
         cond_grad=jnp.zeros_like(x_t),
-        guidance=method.guidance,
+        guidance_form=method.guidance_form,
     )
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(guided), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -207,9 +207,9 @@ def test_guidance_forms_equal_algorithms_1_and_2_in_float64(s):
     np.testing.assert_allclose(eps_form["pred_eps"], eps_new, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(eps_form["pred_x0"], x0_new, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(eps_form["mean"], mean, rtol=1e-4, atol=1e-4)
-    assert samplers.SAMPLERS["ddpm"].guidance == "mean"
-    assert samplers.SAMPLERS["ddim"].guidance == "eps"
-    assert samplers.SAMPLERS["dpm_solver++2m"].guidance == "eps"
+    assert samplers.SAMPLERS["ddpm"].guidance_form == "mean"
+    assert samplers.SAMPLERS["ddim"].guidance_form == "eps"
+    assert samplers.SAMPLERS["dpm_solver++2m"].guidance_form == "eps"
 
 
 def test_a_traced_scale_does_not_recompile(s):

@@ -63,17 +63,17 @@ def condition_score(s: Schedule, out: dict, x_t, t, grad) -> dict:
     return {**out, "mean": mean, "pred_x0": pred_x0, "pred_eps": pred_eps}
 
 
-# The forms of classifier guidance a step can take (StepMethod.guidance names one).
+# The forms of classifier guidance a step can take (StepMethod.guidance_form names one).
 GUIDANCE_FORMS = {"mean": condition_mean, "eps": condition_score}
 
 
-def guided_mean_variance(s: Schedule, model_output, x_t, t, *, cond_grad, guidance, **options):
+def guided_mean_variance(s: Schedule, model_output, x_t, t, *, cond_grad, guidance_form, **options):
     """p_mean_variance(s, model_output, x_t, t, **options), shifted by the classifier gradient
-    cond_grad in the GUIDANCE_FORMS form `guidance` (cond_grad None: unguided)."""
+    cond_grad in the GUIDANCE_FORMS form `guidance_form` (cond_grad None: unguided)."""
     out = p_mean_variance(s, model_output, x_t, t, **options)
     if cond_grad is None:
         return out
-    return GUIDANCE_FORMS[guidance](s, out, x_t, t, cond_grad)
+    return GUIDANCE_FORMS[guidance_form](s, out, x_t, t, cond_grad)
 
 
 def ddpm_step(
@@ -89,7 +89,7 @@ def ddpm_step(
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
     cond_grad=None,
-    guidance: str = "mean",
+    guidance_form: str = "mean",
 ):
     """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Algorithm 2); no noise at t = 0.
 
@@ -105,7 +105,7 @@ def ddpm_step(
         var_type=var_type,
         clip_denoised=clip_denoised,
         cond_grad=cond_grad,
-        guidance=guidance,
+        guidance_form=guidance_form,
     )
     noise_scale = _nonzero(t, x_t) * jnp.exp(0.5 * out["log_variance"])
     return out["mean"] + noise_scale * noise, out["pred_x0"], state
@@ -124,7 +124,7 @@ def ddim_step(
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
     cond_grad=None,
-    guidance: str = "eps",
+    guidance_form: str = "eps",
 ):
     """One DDIM step from index t to index t-1 of `s` (Song et al. 2021, eqs. 12 and 16).
 
@@ -142,7 +142,7 @@ def ddim_step(
         var_type=var_type,
         clip_denoised=clip_denoised,
         cond_grad=cond_grad,
-        guidance=guidance,
+        guidance_form=guidance_form,
     )
     abar = extract(s.alphas_cumprod, t, x_t.shape)
     abar_prev = extract(s.alphas_cumprod_prev, t, x_t.shape)
@@ -179,7 +179,7 @@ def dpm_solver_2m_step(
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
     cond_grad=None,
-    guidance: str = "eps",
+    guidance_form: str = "eps",
 ):
     """One DPM-Solver++(2M) step from index t to index t-1 of `s` (Lu et al. 2022, Alg. 2).
 
@@ -202,7 +202,7 @@ def dpm_solver_2m_step(
         var_type=var_type,
         clip_denoised=clip_denoised,
         cond_grad=cond_grad,
-        guidance=guidance,
+        guidance_form=guidance_form,
     )
     pred_x0 = out["pred_x0"]
     abar_s = extract(s.alphas_cumprod, t, x_t.shape)
@@ -240,22 +240,22 @@ class StepMethod:
     init_state(x_T) -> state is any pytree; uses_noise False means the step ignores its noise
     and the chain draws none (it passes None); timesteps(T, num_steps) -> the kept indices,
     increasing, for a chain of num_steps steps. Under classifier guidance the chain also passes
-    step(..., cond_grad=g, guidance=guidance), g = scale * grad_x log p(y | x_t), and the step
-    takes its mean and x_0 from `guided_mean_variance`; `guidance` names the GUIDANCE_FORMS entry:
-    "mean" (Alg. 1, for ancestral steps whose variance is the model's) or "eps" (Alg. 2, for
-    steps built from x_0 and eps). A step without these keywords runs unguided chains only.
+    step(..., cond_grad=g, guidance_form=form), g = scale * grad_x log p(y | x_t), and the step
+    takes its mean and x_0 from `guided_mean_variance`; `guidance_form` names the GUIDANCE_FORMS
+    entry: "mean" (Alg. 1, for ancestral steps whose variance is the model's) or "eps" (Alg. 2,
+    for steps built from x_0 and eps). A step without these keywords runs unguided chains only.
     """
 
     step: Callable
     init_state: Callable
     uses_noise: bool
     timesteps: Callable = schedules.space_timesteps
-    guidance: str = "eps"
+    guidance_form: str = "eps"
 
 
 # The one table of sampler names: validation, the sample CLI and the docs read it.
 SAMPLERS = {
-    "ddpm": StepMethod(ddpm_step, no_state, uses_noise=True, guidance="mean"),
+    "ddpm": StepMethod(ddpm_step, no_state, uses_noise=True, guidance_form="mean"),
     "ddim": StepMethod(ddim_step, no_state, uses_noise=True),
     "dpm_solver++2m": StepMethod(
         dpm_solver_2m_step, dpm_solver_2m_state, uses_noise=False, timesteps=dpm_solver_timesteps
@@ -353,7 +353,8 @@ def run_chain(
         guide = {}
         if cond_fn is not None:
             guide = dict(
-                cond_grad=cond_fn(x, t_model, **(model_kwargs or {})), guidance=method.guidance
+                cond_grad=cond_fn(x, t_model, **(model_kwargs or {})),
+                guidance_form=method.guidance_form,
             )
         noise = None
         if method.uses_noise:
