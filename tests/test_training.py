@@ -1,10 +1,11 @@
 """The train step's numbers against plain numpy: Adam with the learning-rate schedules, gradient
 clipping by the global norm, the EMA and its warm-up, and the skipped non-finite update.
 
-The diffusion loss is replaced by 0.5 * sum over leaves of (w - target)^2, whose gradient is
-w - target: every expected value below is computed in numpy from that, step by step.
+The diffusion objective's loss is replaced by 0.5 * sum over leaves of (w - target)^2, whose
+gradient is w - target: every expected value below is computed in numpy from that, step by step.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -53,7 +54,8 @@ def step_fn(monkeypatch):
 
         return loss
 
-    monkeypatch.setattr(training, "make_loss_fn", loss_fn)
+    diffusion_objective = dataclasses.replace(training.OBJECTIVES["diffusion"], make_loss=loss_fn)
+    monkeypatch.setitem(training.OBJECTIVES, "diffusion", diffusion_objective)
 
     def make(config):
         optimizer, lr = training.make_optimizer(config)

@@ -73,6 +73,7 @@ def base_config() -> config_dict.ConfigDict:
         eps=1e-8,
     )
     config.training = dict(
+        objective="diffusion",  # training.OBJECTIVES: "diffusion" or "classifier" (guidance)
         batch_size=128,
         num_train_steps=800_000,
         log_every=100,

@@ -39,6 +39,43 @@ def no_state(x_T):
     return ()
 
 
+def condition_mean(s: Schedule, out: dict, x_t, t, grad) -> dict:
+    """Classifier guidance on the mean (Dhariwal & Nichol 2021, Alg. 1): mu + Sigma grad.
+
+    grad is scale * grad_x log p(y | x_t), the scale already applied; Sigma =
+    exp(log_variance) of `out` (p_mean_variance's dict), per pixel for a learned variance.
+    """
+    return {**out, "mean": out["mean"] + out["variance"] * grad}
+
+
+def condition_score(s: Schedule, out: dict, x_t, t, grad) -> dict:
+    """Classifier guidance on eps (Dhariwal & Nichol 2021, Alg. 2): eps' = eps - sqrt(1 - abar_t)
+    grad, with x_0 and the posterior mean recomputed from eps'.
+
+    x_0' = (x_t - sqrt(1 - abar_t) eps') / sqrt(abar_t) = x_0 + (1 - abar_t) / sqrt(abar_t) grad,
+    computed as that increment of `out`'s (clipped) x_0 so that grad = 0 changes nothing; x_0'
+    is not clipped again (guided-diffusion's condition_score does the same).
+    """
+    sigma = extract(s.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+    pred_eps = out["pred_eps"] - sigma * grad
+    pred_x0 = out["pred_x0"] + extract(s.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * sigma * grad
+    mean, _, _ = diffusion.q_posterior_mean_variance(s, pred_x0, x_t, t)
+    return {**out, "mean": mean, "pred_x0": pred_x0, "pred_eps": pred_eps}
+
+
+# The forms of classifier guidance a step can take (StepMethod.guidance_form names one).
+GUIDANCE_FORMS = {"mean": condition_mean, "eps": condition_score}
+
+
+def guided_mean_variance(s: Schedule, model_output, x_t, t, *, cond_grad, guidance_form, **options):
+    """p_mean_variance(s, model_output, x_t, t, **options), shifted by the classifier gradient
+    cond_grad in the GUIDANCE_FORMS form `guidance_form` (cond_grad None: unguided)."""
+    out = p_mean_variance(s, model_output, x_t, t, **options)
+    if cond_grad is None:
+        return out
+    return GUIDANCE_FORMS[guidance_form](s, out, x_t, t, cond_grad)
+
+
 def ddpm_step(
     s: Schedule,
     model_output,
@@ -51,13 +88,15 @@ def ddpm_step(
     parameterization: str = "eps",
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
+    cond_grad=None,
+    guidance_form: str = "mean",
 ):
     """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Algorithm 2); no noise at t = 0.
 
     eta is unused (the variance is var_type's). Returns (x_{t-1}, pred_x0, state).
     """
     del eta
-    out = p_mean_variance(
+    out = guided_mean_variance(
         s,
         model_output,
         x_t,
@@ -65,6 +104,8 @@ def ddpm_step(
         parameterization=parameterization,
         var_type=var_type,
         clip_denoised=clip_denoised,
+        cond_grad=cond_grad,
+        guidance_form=guidance_form,
     )
     noise_scale = _nonzero(t, x_t) * jnp.exp(0.5 * out["log_variance"])
     return out["mean"] + noise_scale * noise, out["pred_x0"], state
@@ -82,6 +123,8 @@ def ddim_step(
     parameterization: str = "eps",
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
+    cond_grad=None,
+    guidance_form: str = "eps",
 ):
     """One DDIM step from index t to index t-1 of `s` (Song et al. 2021, eqs. 12 and 16).
 
@@ -90,7 +133,7 @@ def ddim_step(
     with eps_pred recomputed from the (clipped) x0_pred and no noise at t = 0.
     Returns (x_prev, pred_x0, state).
     """
-    out = p_mean_variance(
+    out = guided_mean_variance(
         s,
         model_output,
         x_t,
@@ -98,6 +141,8 @@ def ddim_step(
         parameterization=parameterization,
         var_type=var_type,
         clip_denoised=clip_denoised,
+        cond_grad=cond_grad,
+        guidance_form=guidance_form,
     )
     abar = extract(s.alphas_cumprod, t, x_t.shape)
     abar_prev = extract(s.alphas_cumprod_prev, t, x_t.shape)
@@ -133,6 +178,8 @@ def dpm_solver_2m_step(
     parameterization: str = "eps",
     var_type: str = "fixed_large",
     clip_denoised: bool = True,
+    cond_grad=None,
+    guidance_form: str = "eps",
 ):
     """One DPM-Solver++(2M) step from index t to index t-1 of `s` (Lu et al. 2022, Alg. 2).
 
@@ -146,7 +193,7 @@ def dpm_solver_2m_step(
     Deterministic: noise and eta are unused. Returns (x_prev, pred_x0, state).
     """
     del noise, eta
-    out = p_mean_variance(
+    out = guided_mean_variance(
         s,
         model_output,
         x_t,
@@ -154,6 +201,8 @@ def dpm_solver_2m_step(
         parameterization=parameterization,
         var_type=var_type,
         clip_denoised=clip_denoised,
+        cond_grad=cond_grad,
+        guidance_form=guidance_form,
     )
     pred_x0 = out["pred_x0"]
     abar_s = extract(s.alphas_cumprod, t, x_t.shape)
@@ -190,18 +239,23 @@ class StepMethod:
     clip_denoised) -> (x_prev, pred_x0, state) moves x_t at index t of `s` to index t-1;
     init_state(x_T) -> state is any pytree; uses_noise False means the step ignores its noise
     and the chain draws none (it passes None); timesteps(T, num_steps) -> the kept indices,
-    increasing, for a chain of num_steps steps.
+    increasing, for a chain of num_steps steps. Under classifier guidance the chain also passes
+    step(..., cond_grad=g, guidance_form=form), g = scale * grad_x log p(y | x_t), and the step
+    takes its mean and x_0 from `guided_mean_variance`; `guidance_form` names the GUIDANCE_FORMS
+    entry: "mean" (Alg. 1, for ancestral steps whose variance is the model's) or "eps" (Alg. 2,
+    for steps built from x_0 and eps). A step without these keywords runs unguided chains only.
     """
 
     step: Callable
     init_state: Callable
     uses_noise: bool
     timesteps: Callable = schedules.space_timesteps
+    guidance_form: str = "eps"
 
 
 # The one table of sampler names: validation, the sample CLI and the docs read it.
 SAMPLERS = {
-    "ddpm": StepMethod(ddpm_step, no_state, uses_noise=True),
+    "ddpm": StepMethod(ddpm_step, no_state, uses_noise=True, guidance_form="mean"),
     "ddim": StepMethod(ddim_step, no_state, uses_noise=True),
     "dpm_solver++2m": StepMethod(
         dpm_solver_2m_step, dpm_solver_2m_state, uses_noise=False, timesteps=dpm_solver_timesteps
@@ -261,6 +315,7 @@ def run_chain(
     model_kwargs: dict | None = None,
     sample_index=None,
     noise_conditioning: str = "timestep",
+    cond_fn: Callable | None = None,
 ):
     """Run a reverse chain from x_T over indices num_steps-1, ..., 0 of (padded) schedule s.
 
@@ -273,6 +328,9 @@ def run_chain(
     "sample" and, when intermediates_every = k > 0, "x_t" and "pred_x0" of shape
     (ceil(T/k), *x_T.shape): the state after chain steps k-1, 2k-1, ... (entries past the last
     step stay zero).
+    `cond_fn(x_t, t_model, **model_kwargs) -> scale * grad_x log p(y | x_t)` (already scaled, e.g.
+    classifier_guidance.classifier_cond_fn), evaluated at every step where the model is, turns
+    on classifier guidance (Dhariwal & Nichol 2021) in the form the sampler's StepMethod names.
     `progress_fn(step, total)` is called on the host (jax.debug.callback) after every
     max(1, total // PROGRESS_UPDATES)-th step and after the last, not after every step: each
     callback is a host round trip that slows a CPU chain (experiments/PERFORMANCE.md).
@@ -298,13 +356,19 @@ def run_chain(
         x, state, frames = carry
         index = num_steps - 1 - i
         t = jnp.full((batch,), index, dtype=jnp.int32)
-        time = diffusion.model_time(s, t, noise_conditioning)
-        model_output = denoise_fn(x, time, **(model_kwargs or {}))
+        t_model = diffusion.model_time(s, t, noise_conditioning)
+        model_output = denoise_fn(x, t_model, **(model_kwargs or {}))
+        guide = {}
+        if cond_fn is not None:
+            guide = dict(
+                cond_grad=cond_fn(x, t_model, **(model_kwargs or {})),
+                guidance_form=method.guidance_form,
+            )
         noise = None
         if method.uses_noise:
             step_key = jax.random.fold_in(key, index)
             noise = per_sample_normal(step_key, sample_index, x.shape, x.dtype)
-        x, pred_x0, state = method.step(s, model_output, x, t, noise, state, **options)
+        x, pred_x0, state = method.step(s, model_output, x, t, noise, state, **options, **guide)
         if k:
             frames = jax.lax.cond(
                 (i + 1) % k == 0,
@@ -389,10 +453,12 @@ def ddpm_sample(
     progress_fn: Callable | None = None,
     model_kwargs: dict | None = None,
     noise_conditioning: str = "timestep",
+    cond_fn: Callable | None = None,
 ):
     """Ancestral sampling (DDPM Algorithm 2) from N(0, I), over all T steps or `num_steps`
     evenly respaced ones (improved DDPM). Returns samples of `shape`, or with
-    intermediates_every > 0 a dict {"sample", "x_t", "pred_x0"}."""
+    intermediates_every > 0 a dict {"sample", "x_t", "pred_x0"}. cond_fn: classifier guidance
+    (see run_chain)."""
     return sample(
         denoise_fn,
         s,
@@ -407,6 +473,7 @@ def ddpm_sample(
         progress_fn=progress_fn,
         model_kwargs=model_kwargs,
         noise_conditioning=noise_conditioning,
+        cond_fn=cond_fn,
     )
 
 
@@ -425,9 +492,11 @@ def ddim_sample(
     progress_fn: Callable | None = None,
     model_kwargs: dict | None = None,
     noise_conditioning: str = "timestep",
+    cond_fn: Callable | None = None,
 ):
     """DDIM sampling over `num_steps` evenly spread steps; eta = 0 is deterministic, eta = 1
-    matches DDPM ancestral sampling with the posterior variance."""
+    matches DDPM ancestral sampling with the posterior variance. cond_fn: classifier guidance
+    (see run_chain)."""
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     return sample(
@@ -445,6 +514,7 @@ def ddim_sample(
         progress_fn=progress_fn,
         model_kwargs=model_kwargs,
         noise_conditioning=noise_conditioning,
+        cond_fn=cond_fn,
     )
 
 
@@ -532,8 +602,11 @@ def tqdm_progress(desc: str = "sampling") -> Callable:
 
 
 __all__ = [
+    "GUIDANCE_FORMS",
     "SAMPLERS",
     "StepMethod",
+    "condition_mean",
+    "condition_score",
     "ddim_invert",
     "ddim_sample",
     "ddim_step",
@@ -542,6 +615,7 @@ __all__ = [
     "dpm_solver_2m_state",
     "dpm_solver_2m_step",
     "dpm_solver_timesteps",
+    "guided_mean_variance",
     "no_state",
     "per_sample_normal",
     "prepare_schedule",

@@ -1,22 +1,24 @@
 """The train state and the jitted train step; no CLI, no file paths.
 
-One step on a global batch: uniform t, `diffusion.training_losses`, an optimizer of the
-OPTIMIZERS table (Adam, AdamW) with a learning rate of the LR_SCHEDULES table after clipping the
-gradients' global norm, EMA of the parameters. A step whose loss or gradients are not finite
-leaves the state unchanged and is counted, so a state never holds NaNs; the loop decides
-(nan_policy) whether to stop or go on.
+One step on a global batch: the loss of the OBJECTIVES entry config.training.objective (a
+denoiser's `diffusion.training_losses` at uniform t, or a noisy classifier's cross-entropy), an
+optimizer of the OPTIMIZERS table (Adam, AdamW) with a learning rate of the LR_SCHEDULES table
+after clipping the gradients' global norm, EMA of the parameters. A step whose loss or
+gradients are not finite leaves the state unchanged and is counted, so a state never holds NaNs;
+the loop decides (nan_policy) whether to stop or go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import config_dict
 
-from diffusion_jax import diffusion, schedules
+from diffusion_jax import classifier_guidance, diffusion, schedules
 from diffusion_jax.data import to_model_range
 
 
@@ -36,9 +38,7 @@ def model_config(config) -> config_dict.ConfigDict:
     cfg = config_dict.ConfigDict(config.model.to_dict())
     cfg.image_size = config.data.image_size
     cfg.in_channels = config.data.num_channels
-    cfg.out_channels = diffusion.model_output_channels(
-        config.data.num_channels, config.diffusion.var_type
-    )
+    cfg.update(objective(config).model_fields(config))
     if config.training.get("mixed_precision", False):
         cfg.dtype = "bfloat16"
     return cfg
@@ -170,20 +170,89 @@ def make_loss_fn(model, schedule: schedules.Schedule, config):
     return loss
 
 
+def make_classifier_loss_fn(model, schedule: schedules.Schedule, config):
+    """loss(params, images_uint8, key, labels) -> (mean loss, terms): the noisy classifier's
+    objective (Dhariwal & Nichol 2021, Sec. 4), -log p(y | x_t, t) of
+    classifier_guidance.classifier_losses, with terms "loss" and "accuracy" (B,).
+
+    key draws t (uniform over {0, ..., training.t_cutoff - 1}; t_cutoff 0 or absent: the whole
+    schedule), the noise and the dropout masks.
+    """
+    t_cutoff = config.training.get("t_cutoff", 0) or schedule.num_timesteps
+
+    def loss(params, images, key, labels=None):
+        if labels is None:
+            raise ValueError("the classifier objective needs the batch's labels")
+        t_key, noise_key, dropout_key = jax.random.split(key, 3)
+        x0 = to_model_range(images)
+        t = jax.random.randint(t_key, (x0.shape[0],), 0, t_cutoff)
+
+        def logits_fn(x_t, t_model):
+            return model.apply(
+                {"params": params}, x_t, t_model, train=True, rngs={"dropout": dropout_key}
+            )
+
+        terms = classifier_guidance.classifier_losses(schedule, logits_fn, x0, labels, t, noise_key)
+        return jnp.mean(terms["loss"]), terms
+
+    return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a train step minimises: make_loss(model, schedule, config) -> loss(params,
+    images_uint8, key[, labels]) -> (mean loss, terms); model_fields(config) -> the config.model
+    fields that follow from it (a denoiser's output channels); models: the config.model.name
+    values it trains."""
+
+    make_loss: Callable
+    model_fields: Callable
+    models: tuple[str, ...]
+
+
+def _denoiser_fields(config) -> dict:
+    """A denoiser outputs C channels, 2C with a learned variance."""
+    d = config.diffusion
+    return {"out_channels": diffusion.model_output_channels(config.data.num_channels, d.var_type)}
+
+
+def _classifier_fields(config) -> dict:
+    """A classifier's logits are its own field (num_classes): nothing follows."""
+    return {}
+
+
+# The one table of training objectives (config.training.objective).
+OBJECTIVES = {
+    "diffusion": Objective(make_loss_fn, _denoiser_fields, models=("unet",)),
+    "classifier": Objective(make_classifier_loss_fn, _classifier_fields, models=("classifier",)),
+}
+
+
+def objective(config) -> Objective:
+    """The OBJECTIVES entry of config.training.objective ("diffusion" where a config predates
+    the field)."""
+    name = config.training.get("objective", "diffusion")
+    diffusion.check_choice("training.objective", name, OBJECTIVES)
+    return OBJECTIVES[name]
+
+
 def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_schedule):
-    """step(state, images_uint8, base_key) -> (state, metrics): pure, jit it with shardings.
+    """step(state, images_uint8, base_key, labels=None) -> (state, metrics): pure, jit it with
+    shardings. The loss is config.training.objective's (OBJECTIVES); labels (int32 (B,)) go to
+    it when given (the classifier objective needs them).
 
     The step's randomness is fold_in(base_key, state.step): never reused, and the same after a
     resume. Metrics: loss, grad_norm, lr (the learning rate of this step's update, applied or
     skipped), finite.
     """
-    loss_fn = make_loss_fn(model, schedule, config)
+    loss_fn = objective(config).make_loss(model, schedule, config)
     ema_decay = config.optim.ema_decay
     ema_warmup = config.optim.get("ema_warmup", False)
 
-    def step(state: TrainState, images, base_key):
+    def step(state: TrainState, images, base_key, labels=None):
         key = jax.random.fold_in(base_key, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, key)
+        args = (images, key) if labels is None else (images, key, labels)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
         grad_norm = optax.tree.norm(grads)
         decay = ema_decay
         if ema_warmup:  # min(decay, (1 + n) / (10 + n)): early averages forget the init faster

@@ -119,6 +119,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
     _int(config, "training.keep_checkpoints", 1)
     _int(config, "training.num_preview_samples", 1)
     _choice(config, "training.nan_policy", NAN_POLICIES)
+    _check_objective(config)
     # Sampling.
     _choice(config, "sampling.sampler", samplers.SAMPLERS)
     _int(config, "sampling.steps", 1)
@@ -139,7 +140,8 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         models.create_model(training.model_config(config))
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
-    _check_unconditional(config.model)
+    if config.training.get("objective", "diffusion") == "diffusion":
+        _check_unconditional(config.model)  # a classifier's num_classes is its output
     # Multi-process settings: checked before joining, so a typo cannot leave peers waiting.
     _str(config, "distributed.coordinator_address")
     _int(config, "distributed.num_processes", 1)
@@ -167,6 +169,31 @@ def check_devices(config, *, num_devices: int, process_count: int = 1) -> None:
         )
     if batch_size % process_count:
         _fail("training.batch_size", batch_size, f"a multiple of the {process_count} processes")
+
+
+def _check_objective(config) -> None:
+    """training.objective names an OBJECTIVES entry that trains config.model.name; a
+    classifier's t_cutoff (0 = every t) lies in [0, T]."""
+    objective = config.training.get("objective", "diffusion")
+    if objective not in training.OBJECTIVES:
+        allowed = "one of " + ", ".join(map(repr, training.OBJECTIVES))
+        _fail("training.objective", objective, allowed)
+    models = training.OBJECTIVES[objective].models
+    name = config.model.get("name")
+    if name not in models:
+        _fail(
+            "model.name",
+            name,
+            f"one of {', '.join(map(repr, models))} for training.objective={objective!r}",
+        )
+    if "t_cutoff" in config.training:
+        _int(config, "training.t_cutoff", 0)
+        if config.training.t_cutoff > config.diffusion.num_timesteps:
+            _fail(
+                "training.t_cutoff",
+                config.training.t_cutoff,
+                f"at most diffusion.num_timesteps={config.diffusion.num_timesteps} (0 = every t)",
+            )
 
 
 def _str(config, field: str) -> None:

@@ -1,11 +1,11 @@
 """A workdir's files: config.json, checkpoints/, metrics.jsonl and tensorboard/.
 
-For train: the saved config.json, checked against SHAPE_FIELDS and INPUT_FIELDS and compared field by field
-with a new config, writing it, and MetricsWriter. For the sample and
-evaluate CLIs, read-only: the config, the model and schedule it describes, and the EMA
-parameters of the newest readable checkpoint (where a resuming train run moves an unreadable
+For train: the saved config.json, checked against SHAPE_FIELDS and INPUT_FIELDS and compared
+field by field with a new config, writing it, and MetricsWriter. For the sample and evaluate
+CLIs, read-only: the config, the model and schedule it describes, and the EMA parameters of the newest readable checkpoint (where a resuming train run moves an unreadable
 checkpoint aside, this skips it with a warning and tries the next older one; only the EMA
-parameters and the step are read, never the optimizer state).
+parameters and the step are read, never the optimizer state). `load_classifier` reads a noisy
+classifier's workdir for classifier guidance, checked against the model it guides.
 """
 
 from __future__ import annotations
@@ -189,6 +189,12 @@ def load_workdir(workdir, *, config=None, mesh=None) -> Workdir:
     `config` saves reading config.json again when the caller already has it from load_config.
     """
     config = load_config(workdir) if config is None else config
+    if config.training.get("objective", "diffusion") != "diffusion":
+        raise UserError(
+            f"workdir {workdir} holds a model trained with training.objective="
+            f"{config.training.objective!r}, not a diffusion model (a noisy classifier guides "
+            "one: see load_classifier)"
+        )
     mesh = parallel.make_mesh() if mesh is None else mesh
     model = models.create_model(training.model_config(config))
     params, step = _restore_ema_params(Path(workdir) / CHECKPOINT_DIR, model, config, mesh)
@@ -228,3 +234,53 @@ def _restore_ema_params(directory: Path, model, config, mesh) -> tuple[dict, int
         + "; ".join(problems)
         + ")"
     )
+
+
+# What a classifier must share with the diffusion model it guides: the shape of x_t, and the
+# schedule that says what x_t at t looks like (and which t the model and classifier are told).
+CLASSIFIER_MATCH_FIELDS = (
+    "data.image_size",
+    "data.num_channels",
+    "diffusion.schedule",
+    "diffusion.num_timesteps",
+)
+
+
+def load_classifier(workdir, diffusion_config=None, *, mesh=None):
+    """A noisy classifier trained in `workdir` (training.objective "classifier"), for guidance:
+    (apply_fn, params, config) with apply_fn(params, x_t, t) -> logits (B, num_classes), the
+    EMA parameters replicated over `mesh` (default: all devices) and the classifier's config.
+
+    With `diffusion_config` (the guided model's), the classifier must share its
+    CLASSIFIER_MATCH_FIELDS and, for a class-conditional model, its num_classes; a mismatch is
+    a UserError naming the field, raised before any checkpoint is read or anything compiles.
+    """
+    config = load_config(workdir)
+    objective = config.training.get("objective", "diffusion")
+    if objective != "classifier":
+        raise UserError(
+            f"classifier workdir {workdir} was trained with training.objective={objective!r}, "
+            "not 'classifier' (configs/classifier_digits.py trains one)"
+        )
+    if diffusion_config is not None:
+        theirs, ours = _flatten(config.to_dict()), _flatten(diffusion_config.to_dict())
+        for field in CLASSIFIER_MATCH_FIELDS:
+            if theirs.get(field) != ours.get(field):
+                raise UserError(
+                    f"classifier workdir {workdir} was trained with config.{field}="
+                    f"{theirs.get(field)!r} but the diffusion model has {ours.get(field)!r}"
+                )
+        model_classes = diffusion_config.model.get("num_classes", 0)
+        if model_classes and model_classes != config.model.num_classes:
+            raise UserError(
+                f"classifier workdir {workdir} has {config.model.num_classes} classes but the "
+                f"diffusion model has model.num_classes={model_classes}"
+            )
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    model = models.create_model(training.model_config(config))
+    params, _ = _restore_ema_params(Path(workdir) / CHECKPOINT_DIR, model, config, mesh)
+
+    def apply_fn(params, x_t, t):
+        return model.apply({"params": params}, x_t, t, train=False)
+
+    return apply_fn, params, config

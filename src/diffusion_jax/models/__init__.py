@@ -3,17 +3,19 @@
 import dataclasses
 from collections.abc import Mapping
 
+from diffusion_jax.models.classifier import Classifier
 from diffusion_jax.models.unet import UNet
 
-MODELS = {"unet": UNet}
+# The one table of model names (config.model.name): denoisers and noisy classifiers.
+MODELS = {"unet": UNet, "classifier": Classifier}
 
 
 def create_model(model_config):
     """Build the model named by model_config.name from a dict or ml_collections ConfigDict.
 
-    The other keys are the module's fields (see UNet); lists become tuples. Unknown names or
-    fields raise ValueError listing what is allowed; field values are checked here, before any
-    compilation.
+    The other keys are the module's fields (see UNet, Classifier); lists become tuples. Unknown
+    names or fields raise ValueError listing what is allowed; field values are checked here,
+    before any compilation.
     """
     cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else model_config
     if not isinstance(cfg, Mapping):
@@ -41,4 +43,4 @@ def create_model(model_config):
     return cls(**cfg)
 
 
-__all__ = ["MODELS", "UNet", "create_model"]
+__all__ = ["MODELS", "Classifier", "UNet", "create_model"]
