@@ -2,10 +2,11 @@
 
 For train: the saved config.json, checked against SHAPE_FIELDS and INPUT_FIELDS and compared
 field by field with a new config, writing it, and MetricsWriter. For the sample and evaluate
-CLIs, read-only: the config, the model and schedule it describes, and the EMA parameters of the newest readable checkpoint (where a resuming train run moves an unreadable
-checkpoint aside, this skips it with a warning and tries the next older one; only the EMA
-parameters and the step are read, never the optimizer state). `load_classifier` reads a noisy
-classifier's workdir for classifier guidance, checked against the model it guides.
+CLIs, read-only: the config, the model and schedule it describes, and the EMA parameters of the
+newest readable checkpoint (where a resuming train run moves an unreadable checkpoint aside, this
+skips it with a warning and tries the next older one; only the EMA parameters and the step are
+read, never the optimizer state). `load_classifier` reads a noisy classifier's workdir for
+classifier guidance, checked against the model it guides.
 """
 
 from __future__ import annotations
