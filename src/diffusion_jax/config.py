@@ -77,7 +77,17 @@ def base_config() -> config_dict.ConfigDict:
         nan_policy="stop",  # or "skip": drop the update and count it
         mixed_precision=False,  # bfloat16 activations, float32 parameters (GPU/TPU)
     )
-    config.sampling = dict(sampler="ddpm", steps=1000, eta=0.0, clip_denoised=True, batch_size=256)
+    config.conditioning = dict(
+        p_uncond=0.0,  # label dropout onto the null label (classifier-free guidance training)
+    )
+    config.sampling = dict(
+        sampler="ddpm",
+        steps=1000,
+        eta=0.0,
+        clip_denoised=True,
+        batch_size=256,
+        guidance=0.0,  # classifier-free guidance weight w (class-conditional models; 0 = none)
+    )
     config.distributed = dict(
         coordinator_address="",  # "host:port" of process 0, or "auto" (TPU pods, SLURM)
         num_processes=1,

@@ -1,0 +1,25 @@
+"""Class-conditional DDPM on the embedded 8x8 digits with classifier-free guidance.
+
+configs/ddpm_digits.py's model and training with class labels (num_classes=10, label 10 the
+null label), 10% of the labels dropped onto the null label in training (Ho & Salimans 2022
+use 0.1-0.2), and guidance weight w = 2 at sampling: eps = 3 eps(x, y) - 2 eps(x, null).
+`--guidance=W` of the sample CLI overrides it. Variants as in ddpm_digits.py.
+"""
+
+from pathlib import Path
+
+from diffusion_jax.config import load_config, override
+
+
+def get_config(arg=None):
+    spec = str(Path(__file__).with_name("ddpm_digits.py")) + (f":{arg}" if arg else "")
+    config = load_config(spec)  # its variants applied, then the conditioning on top
+    override(
+        config,
+        {
+            "model.num_classes": 10,
+            "conditioning.p_uncond": 0.1,
+            "sampling.guidance": 2.0,
+        },
+    )
+    return config
