@@ -6,14 +6,17 @@ use 0.1-0.2), and guidance weight w = 2 at sampling: eps = 3 eps(x, y) - 2 eps(x
 `--guidance=W` of the sample CLI overrides it. Variants as in ddpm_digits.py.
 """
 
+import runpy
 from pathlib import Path
 
 from diffusion_jax.config import load_config, override
 
+DIGITS = str(Path(__file__).with_name("ddpm_digits.py"))
+VARIANTS = runpy.run_path(DIGITS)["VARIANTS"]
+
 
 def get_config(arg=None):
-    spec = str(Path(__file__).with_name("ddpm_digits.py")) + (f":{arg}" if arg else "")
-    config = load_config(spec)  # its variants applied, then the conditioning on top
+    config = load_config(DIGITS + (f":{arg}" if arg else ""))  # with its variants applied
     override(
         config,
         {
