@@ -366,7 +366,7 @@ def evaluate_samples(
         feature_network=network.name,
         samples=None if samples is None else str(samples),
         # The samples' provenance (None for a file written without one).
-        **{key: made.get(key) for key in ("sampler", "steps", "eta", "seed", "step")},
+        **{key: made.get(key) for key in ("sampler", "steps", "eta", "guidance", "seed", "step")},
         provenance=made or None,
         seconds=round(time.time() - start, 3),
     )
