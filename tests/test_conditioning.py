@@ -204,7 +204,7 @@ def test_sampler_does_not_recompile_for_new_labels_guidance_or_steps():
         if "compile" in event:
             events.append(event)
 
-    first = sample(params, key, 16)  # labels cycled, config's guidance 2
+    first = sample(params, key, 16)  # labels cycled, config's guidance 1
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         again = sample(params, key, 16, labels=np.full(16, 3), guidance=0.0)
