@@ -2,10 +2,9 @@
 
 configs/ddpm_digits.py's model and training with class labels (num_classes=10, label 10 the
 null label), 10% of the labels dropped onto the null label in training (Ho & Salimans 2022
-use 0.1-0.2), and guidance weight w = 1 at sampling: eps = 2 eps(x, y) - eps(x, null) (measured at
-2,000 steps: 99.9% of samples of the requested class, FD 5.5; w = 0: 94.5%, FD 2.6; w = 3:
-100%, FD 14.5).
-`--guidance=W` of the sample CLI overrides it. Variants as in ddpm_digits.py.
+use 0.1-0.2), and guidance weight w = 1 at sampling: eps = 2 eps(x, y) - eps(x, null), where
+nearly every sample is recognised as its class at a modest cost in FD; larger w trades FD
+for class fidelity. `--guidance=W` of the sample CLI overrides it. Variants as in ddpm_digits.py.
 """
 
 import runpy
