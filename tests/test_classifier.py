@@ -154,7 +154,7 @@ def test_the_classifier_objective_trains_a_noisy_classifier_on_a_toy_problem():
     losses = []
     for i in range(30):
         images, labels = _toy_batch(64, i)
-        state, metrics = step(state, images, jax.random.key(1), labels)
+        state, metrics = step(state, {"image": images, "label": labels}, jax.random.key(1))
         losses.append(float(metrics["loss"]))
     # A zero-initialised head starts at log 2 = 0.693; at t < 300 the stripes stay visible.
     assert abs(losses[0] - np.log(2)) < 1e-3, losses[0]

@@ -225,7 +225,9 @@ def test_evaluate_errors(workdir, cache_dir, tmp_path):
         evaluate_nll(workdir, split="validation")
     proc = run_cli("evaluate", f"--workdir={workdir}", "--metric=bpd")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --metric='bpd': expected one of nll, fid, is, psnr, ssim"
+    assert proc.stderr.strip() == (
+        "error: --metric='bpd': expected one of nll, fid, is, psnr, ssim, class_accuracy"
+    )
 
 
 @pytest.mark.interop

@@ -315,9 +315,9 @@ def nan_at_step_6(monkeypatch):
     def make(*args, **kwargs):
         step = real_make(*args, **kwargs)
 
-        def poisoned(state, images, key):
-            x = jnp.where(state.step + 1 == 6, jnp.nan, real_scale(images))
-            return step(state, x, key)
+        def poisoned(state, batch, key):
+            x = jnp.where(state.step + 1 == 6, jnp.nan, real_scale(batch["image"]))
+            return step(state, {**batch, "image": x}, key)
 
         return poisoned
 

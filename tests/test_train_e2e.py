@@ -142,7 +142,18 @@ BAD_CONFIGS = [
     ({"distributed.num_processes": 0}, ["num_processes", "=0 ", ">= 1"]),
     ({"distributed.process_id": 1}, ["process_id", "=1 ", "[0, 0]"]),
     ({"distributed.heartbeat_timeout": 0}, ["heartbeat_timeout", "=0 ", ">= 1"]),
-    ({"model.num_classes": 10}, ["model.num_classes", "=10 ", "class labels", "does not feed"]),
+    ({"model.num_classes": 7}, ["model.num_classes=7", "'digits' has 10 classes"]),
+    ({"model.num_classes": -1}, ["num_classes=-1", ">= 0"]),
+    ({"conditioning.p_uncond": 0.1}, ["conditioning.p_uncond", "=0.1 ", "unconditional"]),
+    (
+        {"model.num_classes": 10, "conditioning.p_uncond": 1.5},
+        ["conditioning.p_uncond", "=1.5 ", "[0.0, 1.0]"],
+    ),
+    ({"sampling.guidance": 2.0}, ["sampling.guidance", "=2.0 ", "unconditional"]),
+    (
+        {"model.num_classes": 10, "sampling.guidance": -1.0},
+        ["sampling.guidance", "=-1.0 ", "[0.0, inf]"],
+    ),
     ({"model.cond_channels": 3}, ["model.cond_channels", "=3 ", "conditioning images"]),
 ]
 

@@ -84,12 +84,16 @@ def base_config() -> config_dict.ConfigDict:
         nan_policy="stop",  # or "skip": drop the update and count it
         mixed_precision=False,  # bfloat16 activations, float32 parameters (GPU/TPU)
     )
+    config.conditioning = dict(
+        p_uncond=0.0,  # label dropout onto the null label (classifier-free guidance training)
+    )
     config.sampling = dict(
         sampler="ddpm",
         steps=1000,  # at most the sampling schedule's num_timesteps
         eta=0.0,
         clip_denoised=True,
         batch_size=256,
+        guidance=0.0,  # classifier-free guidance weight w (class-conditional models; 0 = none)
         # The schedule the chain runs on (respaced to `steps`); name "" = the training schedule.
         # Another one needs diffusion.noise_conditioning="sqrt_alpha_bar".
         schedule=dict(

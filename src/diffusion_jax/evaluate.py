@@ -1,5 +1,6 @@
-"""Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W --metric=nll|fid|is`, or
-samples against their references: `--metric=psnr|ssim --samples=OUT.npz --reference=HR.npz`.
+"""Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W
+--metric=nll|fid|is|class_accuracy`, or samples against their references:
+`--metric=psnr|ssim --samples=OUT.npz --reference=HR.npz`.
 
 nll: the variational bound (eq. 5 of Ho et al. 2020: the prior term L_T, all T terms L_{T-1}..L_1
 and the discretized decoder L_0) in bits/dim, averaged over a data split (--split, default test;
@@ -25,6 +26,11 @@ point estimate that trades perception for distortion) over the references. --wor
 optional here: the result goes to W/eval/results.jsonl with one, else to results.jsonl beside
 the samples file.
 
+class_accuracy: the fraction of the images in --samples=F.npz (8x8 grayscale digits, with the
+`labels` array that the sample CLI writes for a class-conditional model) whose class by the
+digits classifier equals their label; or of --num_samples images sampled here with classes
+cycled (sampler flags and --guidance as in diffusion_jax.sample).
+
 Every result carries its provenance: a `name` that says what was measured against what (e.g.
 "fid@1000 samples vs cifar10 train (50000 refs), FID-InceptionV3 pool3 features"), the
 checkpoint step and parameters, and for fid / is the samples' provenance (read from the
@@ -48,13 +54,23 @@ import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from diffusion_jax import cli, data, diffusion, hostmem, metrics, parallel, sample
+from diffusion_jax import (
+    cli,
+    data,
+    diffusion,
+    generate,
+    hostmem,
+    metrics,
+    parallel,
+    sample,
+    training,
+)
 from diffusion_jax.metrics import digits_classifier, inception
 from diffusion_jax.metrics.cache import default_cache_dir
 from diffusion_jax.sample import provenance, read_provenance, sample_workdir, sampler_options
 from diffusion_jax.workdir import load_config, load_workdir
 
-METRICS = ("nll", "fid", "is", "psnr", "ssim")
+METRICS = ("nll", "fid", "is", "psnr", "ssim", "class_accuracy")
 IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim}  # (x, y, data_range) -> (N,)
 REFERENCE_INDEX = "reference_index"  # in a samples file: the reference row of each sample
 BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
@@ -88,28 +104,39 @@ def _source(config, split: str):
 
 def _batches(source, num_examples: int, batch_size: int):
     """uint8 image batches of examples 0..num_examples-1, in order."""
+    for batch in _example_batches(source, num_examples, batch_size):
+        yield batch["image"]
+
+
+def _example_batches(source, num_examples: int, batch_size: int):
+    """{"image": uint8 (B, H, W, C), "label": int32 (B,)} of examples 0..num_examples-1."""
     for start in range(0, num_examples, batch_size):
-        stop = min(start + batch_size, num_examples)
-        yield np.stack([source[i]["image"] for i in range(start, stop)])
+        examples = [source[i] for i in range(start, min(start + batch_size, num_examples))]
+        yield {
+            "image": np.stack([e["image"] for e in examples]),
+            "label": np.asarray([e["label"] for e in examples], np.int32),
+        }
 
 
 # --- nll -------------------------------------------------------------------------------
 
 
 def make_bpd_fn(model, schedule, config, mesh, t_batch_size: int | None = None):
-    """bpd(params, images_uint8, key) -> {part: (B,)}: calc_bpd with all T terms, jitted once,
-    the batch sharded over the mesh."""
+    """bpd(params, batch, key) -> {part: (B,)}: calc_bpd with all T terms, jitted once, the
+    batch ({"image": uint8, "label": int32}) sharded over the mesh; a class-conditional model
+    sees the batch's labels."""
     d = config.diffusion
 
-    def bpd(params, images, key):
-        def denoise_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, train=False)
+    def bpd(params, batch, key):
+        def denoise_fn(x_t, t, **model_kwargs):
+            return model.apply({"params": params}, x_t, t, train=False, **model_kwargs)
 
         out = diffusion.calc_bpd(
             schedule,
             denoise_fn,
-            data.to_model_range(images),
+            data.to_model_range(batch["image"]),
             key,
+            model_kwargs=training.model_kwargs_from_batch(batch, config),
             parameterization=d.parameterization,
             var_type=d.var_type,
             clip_denoised=config.sampling.clip_denoised,
@@ -144,12 +171,15 @@ def evaluate_nll(
     bpd = make_bpd_fn(wd.model, wd.schedule, config, mesh, t_batch_size)
     key = jax.random.key(seed)
     sums = dict.fromkeys(BPD_PARTS, 0.0)
-    batches = _batches(source, n, batch)
-    for b, images in enumerate(tqdm(batches, total=-(-n // batch), desc=f"nll {split}")):
-        real = len(images)
-        images = np.concatenate([images, np.repeat(images[:1], batch - real, axis=0)])
+    batches = _example_batches(source, n, batch)
+    for b, examples in enumerate(tqdm(batches, total=-(-n // batch), desc=f"nll {split}")):
+        real = len(examples["image"])
+        examples = {
+            k: np.concatenate([v, np.repeat(v[:1], batch - real, axis=0)])
+            for k, v in examples.items()
+        }
         out = jax.device_get(
-            bpd(wd.params, parallel.global_batch(images, mesh), jax.random.fold_in(key, b))
+            bpd(wd.params, parallel.global_batch(examples, mesh), jax.random.fold_in(key, b))
         )
         for part in BPD_PARTS:
             sums[part] += float(np.sum(out[part][:real], dtype=np.float64))
@@ -351,7 +381,87 @@ def evaluate_samples(
         feature_network=network.name,
         samples=None if samples is None else str(samples),
         # The samples' provenance (None for a file written without one).
-        **{key: made.get(key) for key in ("sampler", "steps", "eta", "seed", "step")},
+        **{key: made.get(key) for key in ("sampler", "steps", "eta", "guidance", "seed", "step")},
+        provenance=made or None,
+        seconds=round(time.time() - start, 3),
+    )
+    _append_result(workdir, record)
+    return record
+
+
+# --- class_accuracy ------------------------------------------------------------------------
+
+
+def load_labels(path) -> np.ndarray:
+    """The `labels` of a samples .npz, or UserError naming what the file holds instead."""
+    with np.load(path, allow_pickle=False) as f:
+        if "labels" not in f.files:
+            raise cli.UserError(
+                f"--samples={path} has no 'labels' array (found {sorted(f.files)}): class "
+                "accuracy needs the samples of a class-conditional model, as diffusion_jax.sample "
+                "writes them"
+            )
+        return f["labels"]
+
+
+def evaluate_class_accuracy(
+    workdir, *, samples=None, num_samples=None, seed=0, **sampler_flags
+) -> dict:
+    """The fraction of samples whose digits-classifier class equals their label."""
+    start = time.time()
+    if samples is not None and num_samples is not None:
+        raise cli.UserError("give --samples (evaluate a file) or --num_samples (sample), not both")
+    want = digits_classifier.IMAGE_SHAPE
+    if samples is not None:
+        images, made = load_samples(samples)
+        labels = load_labels(samples)
+        source = str(samples)
+    else:
+        config = load_config(workdir)
+        if not generate.num_classes(config):
+            raise cli.UserError(
+                "--metric=class_accuracy needs a class-conditional model; this workdir's is "
+                "unconditional (model.num_classes=0)"
+            )
+        d = config.data
+        if (d.image_size, d.image_size, d.num_channels) != want:
+            raise cli.UserError(
+                f"--metric=class_accuracy uses the digits classifier, which takes 8x8 grayscale "
+                f"images; this workdir makes {d.image_size}x{d.image_size}x{d.num_channels} ones"
+            )
+        n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
+        if n < 1:
+            raise cli.UserError(f"--num_samples={n}: expected a positive integer")
+        options = sampler_options(config, **sampler_flags)
+        labels = generate.cycled_labels(config, n)
+        mesh = parallel.make_mesh()
+        wd = load_workdir(workdir, config=config, mesh=mesh)
+        images = sample_workdir(wd, n, options, seed=seed, mesh=mesh, labels=labels)
+        made = provenance(workdir, wd.step, n, seed, options)
+        source = f"{n} samples of {workdir}"
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want:
+        raise cli.UserError(
+            f"{source}: images are {images.dtype} {images.shape}; class accuracy uses the digits "
+            f"classifier, which takes uint8 digits of shape (N, 8, 8, 1)"
+        )
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise cli.UserError(
+            f"{source}: labels are {labels.dtype} {labels.shape}; expected integers of shape "
+            f"({len(images)},), one per image"
+        )
+    logits = metrics.digits_logits(metrics.get_digits_classifier(), images)
+    correct = np.argmax(logits, axis=-1) == labels
+    made = made or {}
+    record = dict(
+        metric="class_accuracy",
+        name=f"class_accuracy@{len(images)} samples, digits-classifier argmax == label",
+        value=float(np.mean(correct)),
+        per_class={
+            int(k): float(np.mean(correct[labels == k])) for k in np.unique(labels).tolist()
+        },
+        num_samples=len(images),
+        samples=None if samples is None else str(samples),
+        **{key: made.get(key) for key in ("sampler", "steps", "eta", "guidance", "seed", "step")},
         provenance=made or None,
         seconds=round(time.time() - start, 3),
     )
@@ -486,8 +596,8 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "metric",
         None,
-        "nll (bits/dim on --split), fid or is (of samples), psnr or ssim (samples against "
-        "--reference).",
+        "nll (bits/dim on --split), fid, is or class_accuracy (of samples), psnr or ssim "
+        "(samples against --reference).",
     )
     flags.DEFINE_string(
         "reference",
@@ -549,9 +659,7 @@ def main(argv) -> None:
             )
         else:
             cli.require_flags("workdir")
-            record = evaluate_samples(
-                f.workdir,
-                f.metric,
+            sampling = dict(
                 samples=f.samples,
                 num_samples=f.num_samples,
                 seed=f.seed,
@@ -559,7 +667,12 @@ def main(argv) -> None:
                 steps=f.steps,
                 eta=f.eta,
                 batch_size=f.batch_size,
+                guidance=f.guidance,
             )
+            if f.metric == "class_accuracy":
+                record = evaluate_class_accuracy(f.workdir, **sampling)
+            else:
+                record = evaluate_samples(f.workdir, f.metric, **sampling)
     print(json.dumps(record))
 
 

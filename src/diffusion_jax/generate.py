@@ -1,8 +1,9 @@
 """Drawing samples from a trained model: a compiled sampler from a config, batched over devices.
 
 Used by the train loop (preview grids) and the sample CLI. The chain is compiled once per
-batch shape and sampler; step count, eta and the batch's first sample index are traced, so
-changing them does not recompile.
+batch shape and sampler; step count, eta, the batch's first sample index and, for a
+class-conditional model, the labels and the guidance weight are traced, so changing them does
+not recompile.
 """
 
 from __future__ import annotations
@@ -12,19 +13,53 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from diffusion_jax import guidance as guidance_lib
 from diffusion_jax import parallel, samplers, schedules
 from diffusion_jax.data import to_uint8
 
 
+def num_classes(config) -> int:
+    """The model's classes (0: unconditional); its null label is this number."""
+    return int(config.model.get("num_classes", 0))
+
+
+def cycled_labels(config, num_samples: int) -> np.ndarray | None:
+    """Labels 0, 1, ..., K-1, 0, 1, ... for num_samples samples of a class-conditional model
+    (K classes); None for an unconditional one."""
+    k = num_classes(config)
+    return np.arange(num_samples, dtype=np.int32) % k if k else None
+
+
+def check_labels(config, labels, num_samples: int) -> np.ndarray | None:
+    """labels as int32 (num_samples,), or ValueError: they must be given (as one per sample)
+    exactly for a class-conditional model, each in 0..K-1."""
+    k = num_classes(config)
+    if labels is None:
+        return None if not k else cycled_labels(config, num_samples)
+    if not k:
+        raise ValueError("labels given for an unconditional model (model.num_classes=0)")
+    labels = np.asarray(labels)
+    if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers of shape ({num_samples},), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        bad = labels[(labels < 0) | (labels >= k)][0]
+        raise ValueError(f"label {bad} is outside the model's classes 0..{k - 1}")
+    return labels.astype(np.int32)
+
+
 def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
-    """sample(params, key, num_samples, *, batch_size, sampler, steps, eta) -> uint8 (N,H,W,C).
+    """sample(params, key, num_samples, *, batch_size, sampler, steps, eta, labels, guidance)
+    -> uint8 (N, H, W, C).
 
     The chain runs on schedules.sampling_schedule(config, schedule): config.sampling.schedule
     when it names one, else `schedule` (the training schedule). Defaults come from
-    config.sampling. Sample i's x_T and chain noise depend only on (key, i)
-    (samplers.per_sample_normal with the global index i), so sample i is the same whatever the
-    batch size or the device count. The chain is compiled once per (batch, sampler): the
-    first index of a batch is traced.
+    config.sampling. A class-conditional model samples sample i with class
+    labels[i] (default: classes cycled, `cycled_labels`) under classifier-free guidance of
+    weight `guidance` (default config.sampling.guidance; 0: the conditional model alone, run
+    without the doubled batch); an unconditional model takes neither. Sample i's x_T and chain
+    noise depend only on (key, i) (samplers.per_sample_normal with the global index i), so
+    sample i is the same whatever the batch size or the device count. The chain is compiled
+    once per (batch, sampler): the first index of a batch, the labels and the weight are traced.
     """
     d, sc = config.diffusion, config.sampling
     schedule = schedules.sampling_schedule(config, schedule)
@@ -32,9 +67,22 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
     num_devices = mesh.devices.size
     progress_fn = samplers.tqdm_progress("denoising") if progress else None
 
-    def chain(params, padded, num_steps, key, eta, first, batch, sampler):
-        def denoise_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, train=False)
+    k = num_classes(config)
+
+    def chain(params, padded, num_steps, key, eta, first, labels, w, batch, sampler):
+        def network(x_t, t, **model_kwargs):
+            return model.apply({"params": params}, x_t, t, train=False, **model_kwargs)
+
+        denoise_fn, model_kwargs = network, {}
+        if k:
+            guided = guidance_lib.classifier_free(network, w, k, d.var_type)
+
+            def denoise_fn(x_t, t, y):  # w = 0 skips the unconditional half at run time
+                return jax.lax.cond(
+                    w == 0, lambda: network(x_t, t, y=y), lambda: guided(x_t, t, y=y)
+                )
+
+            model_kwargs = {"y": labels}
 
         sample_index = first + jnp.arange(batch)
         init_key, chain_key = jax.random.split(key)
@@ -52,22 +100,45 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
             var_type=d.var_type,
             clip_denoised=sc.clip_denoised,
             progress_fn=progress_fn,
+            model_kwargs=model_kwargs,
             sample_index=sample_index,
             noise_conditioning=d.get("noise_conditioning", "timestep"),
         )["sample"]
 
-    compiled = jax.jit(chain, static_argnums=(6, 7))
+    compiled = jax.jit(chain, static_argnums=(8, 9))
 
-    def sample(params, key, num_samples, *, batch_size=None, sampler=None, steps=None, eta=None):
+    def sample(
+        params,
+        key,
+        num_samples,
+        *,
+        batch_size=None,
+        sampler=None,
+        steps=None,
+        eta=None,
+        labels=None,
+        guidance=None,
+    ):
         sampler = sampler or sc.sampler
         steps = steps or sc.steps
         eta = sc.eta if eta is None else eta
+        w = sc.get("guidance", 0.0) if guidance is None else guidance
+        if w and not k:
+            raise ValueError("guidance given for an unconditional model (model.num_classes=0)")
+        if w < 0:
+            raise ValueError(f"guidance must be >= 0, got {w}")
+        labels = check_labels(config, labels, num_samples)
         batch = min(batch_size or sc.batch_size, num_samples)
         batch = -(-batch // num_devices) * num_devices  # a multiple of the device count
         padded = samplers.prepare_schedule(schedule, steps, sampler)
+        if labels is not None:  # the last batch's padding rows take labels from the start
+            labels = np.resize(labels, -(-num_samples // batch) * batch)
         out = []
         for first in range(0, num_samples, batch):
-            x = compiled(params, padded, steps, key, float(eta), first, batch, sampler)
+            y = None if labels is None else labels[first : first + batch]
+            x = compiled(
+                params, padded, steps, key, float(eta), first, y, np.float32(w), batch, sampler
+            )
             if jax.process_count() > 1:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(to_uint8(np.asarray(x)))

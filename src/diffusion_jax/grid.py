@@ -37,3 +37,15 @@ def save_grid(images: np.ndarray, path, ncols: int | None = None, min_cell: int 
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode).save(path)
     return path
+
+
+def save_class_grid(images: np.ndarray, labels: np.ndarray, path, min_cell: int = 32) -> Path:
+    """A PNG grid of a class-conditional model's samples: when every class present has as many
+    images, one row per class (classes in increasing order, samples in their order); else
+    `save_grid`'s layout."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2 or len(set(counts.tolist())) != 1:
+        return save_grid(images, path, min_cell=min_cell)
+    order = np.argsort(labels, kind="stable")
+    return save_grid(np.asarray(images)[order], path, ncols=int(counts[0]), min_cell=min_cell)

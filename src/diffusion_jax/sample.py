@@ -1,5 +1,12 @@
 """Sample a trained workdir: `python -m diffusion_jax.sample --workdir=W --num_samples=N
---output=F.npz [--sampler=NAME --steps=K --eta=E --seed=S --batch_size=B]`.
+--output=F.npz [--sampler=NAME --steps=K --eta=E --seed=S --batch_size=B --labels=L
+--guidance=W]`.
+
+A class-conditional workdir (model.num_classes = K > 0) samples classes `--labels=3` (every
+sample), `--labels=0,1,2` (cycled over the samples) or, without the flag, 0..K-1 cycled, under
+classifier-free guidance of weight `--guidance` (default config.sampling.guidance); F.npz then
+also holds `labels` int32 (N,), and F.png shows a row per class when every class has as many
+samples.
 
 Uses the EMA parameters of the newest readable checkpoint; NAME is a key of samplers.SAMPLERS;
 sampler, steps, eta and batch size default to the workdir's config.sampling. Writes F.npz
@@ -30,8 +37,11 @@ from diffusion_jax.workdir import Workdir, load_config, load_workdir
 GRID_IMAGES = 100
 
 
-def sampler_options(config, *, sampler=None, steps=None, eta=None, batch_size=None) -> dict:
-    """The options make_sampler takes: the given ones, else config.sampling's; checked."""
+def sampler_options(
+    config, *, sampler=None, steps=None, eta=None, batch_size=None, guidance=None
+) -> dict:
+    """The options make_sampler takes: the given ones, else config.sampling's; checked.
+    guidance is an option of class-conditional models only."""
     sc = config.sampling
     field, num_timesteps = "diffusion.num_timesteps", config.diffusion.num_timesteps
     if (own := schedules.sampling_schedule_args(config)) is not None:  # the chain's schedule
@@ -50,14 +60,52 @@ def sampler_options(config, *, sampler=None, steps=None, eta=None, batch_size=No
         raise cli.UserError(f"--eta={eta}: expected a number in [0, 1]")
     if batch_size < 1:
         raise cli.UserError(f"--batch_size={batch_size}: expected a positive integer")
-    return dict(sampler=sampler, steps=steps, eta=float(eta), batch_size=batch_size)
+    options = dict(sampler=sampler, steps=steps, eta=float(eta), batch_size=batch_size)
+    if not generate.num_classes(config):
+        if guidance is not None:
+            raise cli.UserError(
+                f"--guidance={guidance}: this workdir's model is unconditional "
+                "(model.num_classes=0); classifier-free guidance needs a class-conditional one"
+            )
+        return options
+    guidance = sc.get("guidance", 0.0) if guidance is None else guidance
+    if not guidance >= 0.0:
+        raise cli.UserError(f"--guidance={guidance}: expected a number >= 0 (0: no guidance)")
+    return dict(options, guidance=float(guidance))
 
 
-def sample_workdir(wd: Workdir, num_samples: int, options: dict, *, seed: int = 0, mesh=None):
-    """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`."""
+def parse_labels(text: str | None, config, num_samples: int) -> np.ndarray | None:
+    """The per-sample labels of `--labels`: "3" (all), "0,1,2" (cycled over the samples), None
+    (0..K-1 cycled); None for an unconditional model, which must not be given labels."""
+    k = generate.num_classes(config)
+    if text is None:
+        return generate.cycled_labels(config, num_samples)
+    if not k:
+        raise cli.UserError(
+            f"--labels={text}: this workdir's model is unconditional (model.num_classes=0)"
+        )
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise cli.UserError(
+            f"--labels={text}: expected a class or comma-separated classes in 0..{k - 1}"
+        ) from None
+    bad = [v for v in values if not 0 <= v < k]
+    if bad:
+        raise cli.UserError(
+            f"--labels={text}: label {bad[0]} is outside this model's classes 0..{k - 1}"
+        )
+    return np.resize(np.asarray(values, np.int32), num_samples)
+
+
+def sample_workdir(
+    wd: Workdir, num_samples: int, options: dict, *, seed: int = 0, mesh=None, labels=None
+):
+    """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`;
+    labels: one class per sample of a class-conditional model (None: cycled)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     sample = generate.make_sampler(wd.model, wd.schedule, wd.config, mesh, progress=True)
-    return sample(wd.params, jax.random.key(seed), num_samples, **options)
+    return sample(wd.params, jax.random.key(seed), num_samples, labels=labels, **options)
 
 
 def check_output(output: Path) -> None:
@@ -97,25 +145,37 @@ def read_provenance(npz) -> dict | None:
     return json.loads(str(npz["provenance"]))
 
 
-def run(workdir, num_samples: int, output, *, seed: int = 0, **options) -> dict:
-    """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record."""
+def run(workdir, num_samples: int, output, *, seed: int = 0, labels=None, **options) -> dict:
+    """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record.
+    labels: the `--labels` text (None: classes cycled, for a class-conditional model)."""
     start = time.time()
     if num_samples < 1:
         raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
     output = Path(output)
     config = load_config(workdir)
     options = sampler_options(config, **options)
+    label_array = parse_labels(labels, config, num_samples)
     if jax.process_index() == 0:
         check_output(output)
     mesh = parallel.make_mesh()
     wd = load_workdir(workdir, config=config, mesh=mesh)
-    images = sample_workdir(wd, num_samples, options, seed=seed, mesh=mesh)
+    images = sample_workdir(wd, num_samples, options, seed=seed, mesh=mesh, labels=label_array)
     made = provenance(workdir, wd.step, num_samples, seed, options)
+    if labels is not None:
+        made["labels"] = labels
     record = dict(output=str(output), grid=None, **made)
     if jax.process_index() == 0:
         # A JSON string as a numpy unicode array: readable with allow_pickle=False.
-        save_tree(output, {"images": images, "provenance": np.array(json.dumps(made))})
-        record["grid"] = str(grid.save_grid(images[:GRID_IMAGES], output.with_suffix(".png")))
+        arrays = {"images": images, "provenance": np.array(json.dumps(made))}
+        if label_array is not None:
+            arrays["labels"] = label_array
+        save_tree(output, arrays)
+        shown = slice(0, GRID_IMAGES)
+        path = output.with_suffix(".png")
+        if label_array is None:
+            record["grid"] = str(grid.save_grid(images[shown], path))
+        else:
+            record["grid"] = str(grid.save_class_grid(images[shown], label_array[shown], path))
     return dict(record, seconds=round(time.time() - start, 3))
 
 
@@ -133,6 +193,12 @@ def define_sampler_flags() -> None:
     flags.DEFINE_integer(
         "seed", 0, "Random seed: sample i of a seed is the same at any batch size and device count."
     )
+    flags.DEFINE_float(
+        "guidance",
+        None,
+        "Classifier-free guidance weight w >= 0 of a class-conditional model (default: "
+        "config.sampling.guidance).",
+    )
 
 
 def define_flags() -> None:
@@ -144,6 +210,12 @@ def define_flags() -> None:
         None,
         "Images per batch, rounded up to a multiple of the device count; the images do not "
         "depend on it (default: config.sampling.batch_size).",
+    )
+    flags.DEFINE_string(
+        "labels",
+        None,
+        "Class-conditional models: a class (3) or classes cycled over the samples (0,1,2); "
+        "default 0..K-1 cycled.",
     )
     define_sampler_flags()
 
@@ -165,6 +237,8 @@ def main(argv) -> None:
             steps=f.steps,
             eta=f.eta,
             batch_size=f.batch_size,
+            guidance=f.guidance,
+            labels=f.labels,
         )
     print(json.dumps(record))
 

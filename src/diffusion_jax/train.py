@@ -84,6 +84,17 @@ def _restore(ckpt: checkpointing.Checkpointer, abstract, saved_config: dict | No
     return state
 
 
+def _check_classes(config, source) -> None:
+    """A class-conditional model must have as many classes as the data source's labels."""
+    num_classes = config.model.num_classes
+    if num_classes and num_classes != getattr(source, "num_classes", None):
+        raise UserError(
+            f"config.model.num_classes={num_classes} but {config.data.dataset!r} has "
+            f"{getattr(source, 'num_classes', None)} classes: set config.model.num_classes to it "
+            "(or 0 for an unconditional model)"
+        )
+
+
 def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopRequest) -> dict:
     tc = config.training
     try:
@@ -95,6 +106,7 @@ def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopReque
             f"config.training.batch_size={tc.batch_size} is larger than the {len(source)} "
             f"training examples of {config.data.dataset!r}"
         )
+    _check_classes(config, source)
     mesh = parallel.make_mesh()
     model = models.create_model(training.model_config(config))
     schedule = training.make_schedule(config)
@@ -165,7 +177,7 @@ def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopReque
     try:
         while step < tc.num_train_steps and not stop.requested(step, tc.log_every):
             step += 1
-            batch = parallel.global_batch(next(batches)["image"], mesh)
+            batch = parallel.global_batch(next(batches), mesh)
             state, metrics = step_fn(state, batch, step_key)
             if step % tc.log_every == 0 or step == tc.num_train_steps:
                 metrics = jax.device_get(metrics)
@@ -199,9 +211,15 @@ def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopReque
                 save(step)
             if tc.sample_every and step % tc.sample_every == 0:
                 logging.info("sampling %d previews at step %d", tc.num_preview_samples, step)
-                images = sample(state.ema_params, preview_key, tc.num_preview_samples)
+                n = tc.num_preview_samples
+                labels = generate.cycled_labels(config, n)
+                images = sample(state.ema_params, preview_key, n, labels=labels)
                 if jax.process_index() == 0:
-                    path = grid.save_grid(images, workdir / "samples" / f"step_{step:06d}.png")
+                    path = workdir / "samples" / f"step_{step:06d}.png"
+                    if labels is None:
+                        path = grid.save_grid(images, path)
+                    else:
+                        path = grid.save_class_grid(images, labels, path)
                     logging.info("samples: %s", path)
         check_finite(step)
         save(step)

@@ -11,7 +11,7 @@ the loop decides (nan_policy) whether to stop or go on.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +125,10 @@ def init_state(model, optimizer, config, key) -> TrainState:
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    return new_state(model.init({"params": key}, x, t, train=False)["params"], optimizer)
+    kwargs = {}
+    if objective(config) is OBJECTIVES["diffusion"]:  # a classifier's num_classes is its output
+        kwargs = model_kwargs_from_batch({"label": jnp.zeros((1,), jnp.int32)}, config)
+    return new_state(model.init({"params": key}, x, t, train=False, **kwargs)["params"], optimizer)
 
 
 def new_state(params, optimizer) -> TrainState:
@@ -140,10 +143,45 @@ def new_state(params, optimizer) -> TrainState:
     )
 
 
-def make_loss_fn(model, schedule: schedules.Schedule, config):
-    """loss(params, images_uint8, key) -> (mean loss, terms): the train step's objective.
+def p_uncond(config) -> float:
+    """config.conditioning.p_uncond, 0 for a config saved before the field existed."""
+    return float(config.get("conditioning", {}).get("p_uncond", 0.0))
 
-    key draws t (uniform over the schedule), the noise and the dropout masks.
+
+def drop_labels(labels, null_label: int, p, key):
+    """Each label replaced by the null label with probability p, independently: the label dropout
+    that trains one network as both the conditional and the unconditional model of
+    classifier-free guidance (Ho & Salimans 2022, Algorithm 1)."""
+    drop = jax.random.bernoulli(key, p, labels.shape)
+    return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
+def model_kwargs_from_batch(batch, config, key=None) -> dict:
+    """The model keyword arguments of a batch dict: `y` (its int32 labels) when
+    config.model.num_classes > 0, else none. With a key (training) and p_uncond > 0 the labels
+    are dropped onto the null label num_classes (`drop_labels`); without one they pass as
+    they are (init, bits/dim, sampling)."""
+    kwargs = {}
+    num_classes = config.model.get("num_classes", 0)
+    if num_classes:
+        labels = jnp.asarray(batch["label"], jnp.int32)
+        if key is not None and p_uncond(config) > 0:
+            labels = drop_labels(labels, num_classes, p_uncond(config), key)
+        kwargs["y"] = labels
+    return kwargs
+
+
+def as_batch(batch) -> dict:
+    """A batch dict; a bare image array is the batch {"image": it} (an unconditional model's)."""
+    return batch if isinstance(batch, Mapping) else {"image": batch}
+
+
+def make_loss_fn(model, schedule: schedules.Schedule, config):
+    """loss(params, batch, key) -> (mean loss, terms): the train step's objective.
+
+    batch is {"image": uint8 (B, H, W, C), "label": int32 (B,), ...} (a bare image array is
+    taken as {"image": it}); its model keyword arguments come from `model_kwargs_from_batch`.
+    key draws t (uniform over the schedule), the noise, the dropout masks and the label dropout.
     """
     d = config.diffusion
     loss_kw = dict(
@@ -154,37 +192,51 @@ def make_loss_fn(model, schedule: schedules.Schedule, config):
         noise_conditioning=d.get("noise_conditioning", "timestep"),
     )
 
-    def loss(params, images, key):
+    def loss(params, batch, key):
+        batch = as_batch(batch)
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
-        x0 = to_model_range(images)
+        x0 = to_model_range(batch["image"])
         t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
+        # The label dropout's key is folded in, not split off: t, noise and dropout masks stay
+        # the draws of an unconditional step.
+        label_key = jax.random.fold_in(key, 1) if p_uncond(config) > 0 else None
+        kwargs = model_kwargs_from_batch(batch, config, label_key)
 
-        def denoise_fn(x_t, t_model):
+        def denoise_fn(x_t, t_model, **model_kwargs):
             return model.apply(
-                {"params": params}, x_t, t_model, train=True, rngs={"dropout": dropout_key}
+                {"params": params},
+                x_t,
+                t_model,
+                train=True,
+                rngs={"dropout": dropout_key},
+                **model_kwargs,
             )
 
-        terms = diffusion.training_losses(schedule, denoise_fn, x0, t, noise_key, **loss_kw)
+        terms = diffusion.training_losses(
+            schedule, denoise_fn, x0, t, noise_key, model_kwargs=kwargs, **loss_kw
+        )
         return jnp.mean(terms["loss"]), terms
 
     return loss
 
 
 def make_classifier_loss_fn(model, schedule: schedules.Schedule, config):
-    """loss(params, images_uint8, key, labels) -> (mean loss, terms): the noisy classifier's
-    objective (Dhariwal & Nichol 2021, Sec. 4), -log p(y | x_t, t) of
-    classifier_guidance.classifier_losses, with terms "loss" and "accuracy" (B,).
+    """loss(params, batch, key) -> (mean loss, terms): the noisy classifier's objective
+    (Dhariwal & Nichol 2021, Sec. 4), -log p(y | x_t, t) of classifier_guidance.classifier_losses
+    for the batch's images and labels, with terms "loss" and "accuracy" (B,).
 
     key draws t (uniform over {0, ..., training.t_cutoff - 1}; t_cutoff 0 or absent: the whole
     schedule), the noise and the dropout masks.
     """
     t_cutoff = config.training.get("t_cutoff", 0) or schedule.num_timesteps
 
-    def loss(params, images, key, labels=None):
-        if labels is None:
+    def loss(params, batch, key):
+        batch = as_batch(batch)
+        if "label" not in batch:
             raise ValueError("the classifier objective needs the batch's labels")
+        labels = jnp.asarray(batch["label"], jnp.int32)
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
-        x0 = to_model_range(images)
+        x0 = to_model_range(batch["image"])
         t = jax.random.randint(t_key, (x0.shape[0],), 0, t_cutoff)
 
         def logits_fn(x_t, t_model):
@@ -200,10 +252,9 @@ def make_classifier_loss_fn(model, schedule: schedules.Schedule, config):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """What a train step minimises: make_loss(model, schedule, config) -> loss(params,
-    images_uint8, key[, labels]) -> (mean loss, terms); model_fields(config) -> the config.model
-    fields that follow from it (a denoiser's output channels); models: the config.model.name
-    values it trains."""
+    """What a train step minimises: make_loss(model, schedule, config) -> loss(params, batch,
+    key) -> (mean loss, terms); model_fields(config) -> the config.model fields that follow from
+    it (a denoiser's output channels); models: the config.model.name values it trains."""
 
     make_loss: Callable
     model_fields: Callable
@@ -237,9 +288,9 @@ def objective(config) -> Objective:
 
 
 def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_schedule):
-    """step(state, images_uint8, base_key, labels=None) -> (state, metrics): pure, jit it with
-    shardings. The loss is config.training.objective's (OBJECTIVES); labels (int32 (B,)) go to
-    it when given (the classifier objective needs them).
+    """step(state, batch, base_key) -> (state, metrics): pure, jit it with shardings.
+
+    batch is a dict of arrays sharded on the batch axis (see `make_loss_fn`).
 
     The step's randomness is fold_in(base_key, state.step): never reused, and the same after a
     resume. Metrics: loss, grad_norm, lr (the learning rate of this step's update, applied or
@@ -249,10 +300,9 @@ def make_train_step(model, schedule: schedules.Schedule, config, optimizer, lr_s
     ema_decay = config.optim.ema_decay
     ema_warmup = config.optim.get("ema_warmup", False)
 
-    def step(state: TrainState, images, base_key, labels=None):
+    def step(state: TrainState, batch, base_key):
         key = jax.random.fold_in(base_key, state.step)
-        args = (images, key) if labels is None else (images, key, labels)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         grad_norm = optax.tree.norm(grads)
         decay = ema_decay
         if ema_warmup:  # min(decay, (1 + n) / (10 + n)): early averages forget the init faster

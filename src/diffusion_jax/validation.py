@@ -142,6 +142,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         raise ConfigError(f"config.model: {e}") from None
     if config.training.get("objective", "diffusion") == "diffusion":
         _check_unconditional(config.model)  # a classifier's num_classes is its output
+    _check_conditioning(config)
     # Multi-process settings: checked before joining, so a typo cannot leave peers waiting.
     _str(config, "distributed.coordinator_address")
     _int(config, "distributed.num_processes", 1)
@@ -277,11 +278,36 @@ def _check_sampling_schedule(config) -> int | None:
     return args[1]
 
 
-# What conditioning needs that the train step does not feed yet: its batches hold images only.
+# What conditioning needs that the train step does not feed yet: its batches hold images and
+# labels only.
 _CONDITIONING = {
-    "num_classes": "class conditioning needs class labels",
     "cond_channels": "image conditioning needs conditioning images",
 }
+
+
+def _check_conditioning(config) -> None:
+    """p_uncond in [0, 1] and guidance >= 0; both only for a class-conditional model. Configs
+    saved before these fields existed have neither (read with .get)."""
+    num_classes = config.model.get("num_classes", 0)
+    p_uncond = config.get("conditioning", {}).get("p_uncond", 0.0)
+    if "conditioning" in config and "p_uncond" in config.conditioning:
+        _float(config, "conditioning.p_uncond", 0.0, 1.0)
+    if p_uncond and not num_classes:
+        _fail(
+            "conditioning.p_uncond",
+            p_uncond,
+            "0 for an unconditional model (model.num_classes=0): it drops class labels",
+        )
+    guidance = config.sampling.get("guidance", 0.0)
+    if "guidance" in config.sampling:
+        _float(config, "sampling.guidance", 0.0, float("inf"))
+    if guidance and not num_classes:
+        _fail(
+            "sampling.guidance",
+            guidance,
+            "0 for an unconditional model (model.num_classes=0): classifier-free guidance "
+            "needs a class-conditional model",
+        )
 
 
 def _check_unconditional(model) -> None:
