@@ -22,6 +22,7 @@ from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
 from diffusion_jax.interop.diffusers import import_to_workdir, load_unet2d
 from diffusion_jax.metrics import digits_classifier
 from diffusion_jax.metrics.cache import save_tree
+from diffusion_jax.workdir import load_config as load_saved_config
 from diffusion_jax.workdir import load_workdir
 
 # T = 25: the linear schedule scales beta_T = 0.02 * 1000 / T, which reaches 1 (alpha_bar_T = 0,
@@ -310,3 +311,53 @@ def test_clis_keep_compiled_programs_in_the_user_cache(tmp_path):
     (tmp_path / "a_file").write_text("")
     (path, _), stderr = _probe_cache({"DIFFUSION_JAX_CACHE": str(tmp_path / "a_file")})
     assert path == "None" and "no XLA compilation cache" in stderr
+
+
+def test_sample_with_classifier_guidance(workdir, tmp_path):
+    """--classifier_workdir guides the unconditional tiny model towards the classifier's classes
+    (cycled, written as `labels`); scale 0 is the unguided chain up to float rounding (the
+    classifier compiled into the chain changes XLA's fusion of the denoiser: at most one uint8
+    level), a large scale moves the samples; the scale is in the provenance."""
+    from test_classifier import _classifier_workdir
+
+    clf = tmp_path / "clf"
+    _classifier_workdir(clf, **{"diffusion.num_timesteps": NUM_TIMESTEPS, "sampling.steps": 4})
+    sample.run(workdir, 6, tmp_path / "plain.npz")
+    zero = sample.run(
+        workdir, 6, tmp_path / "zero.npz", classifier_workdir=clf, classifier_scale=0.0
+    )
+    strong = sample.run(
+        workdir, 6, tmp_path / "strong.npz", classifier_workdir=clf, classifier_scale=1e4
+    )
+    assert zero["classifier_scale"] == 0.0 and strong["classifier_scale"] == 1e4
+    assert strong["classifier_workdir"] == str(clf.resolve())
+    base = load_images(tmp_path / "plain.npz").astype(int)
+    assert np.max(np.abs(load_images(tmp_path / "zero.npz").astype(int) - base)) <= 1
+    assert np.max(np.abs(load_images(tmp_path / "strong.npz").astype(int) - base)) > 10
+    with np.load(tmp_path / "strong.npz") as f:
+        np.testing.assert_array_equal(f["labels"], [0, 1, 0, 1, 0, 1])
+    assert "labels" not in np.load(tmp_path / "plain.npz").files
+
+
+def test_classifier_guidance_errors(workdir, tmp_path):
+    from test_classifier import _classifier_workdir
+
+    with pytest.raises(UserError, match="give the classifier's --classifier_workdir"):
+        sample.run(workdir, 2, tmp_path / "a.npz", classifier_scale=2.0)
+    clf = tmp_path / "clf"
+    _classifier_workdir(clf)  # T = 1000, the model's is NUM_TIMESTEPS
+    with pytest.raises(UserError, match="trained with config.diffusion.num_timesteps=1000"):
+        sample.run(workdir, 2, tmp_path / "b.npz", classifier_workdir=clf)
+    with pytest.raises(UserError, match="label 2 is outside this model's classes 0..1"):
+        sample.parse_labels("2", load_saved_config(workdir), 4, load_saved_config(clf))
+    proc = run_cli(
+        "sample",
+        f"--workdir={workdir}",
+        "--num_samples=2",
+        f"--output={tmp_path / 'c.npz'}",
+        "--classifier_scale=3",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: --classifier_scale=3.0: give the classifier's --classifier_workdir"
+    )

@@ -13,29 +13,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from diffusion_jax import classifier_guidance, parallel, samplers, schedules
 from diffusion_jax import guidance as guidance_lib
-from diffusion_jax import parallel, samplers, schedules
 from diffusion_jax.data import to_uint8
 
 
-def num_classes(config) -> int:
-    """The model's classes (0: unconditional); its null label is this number."""
-    return int(config.model.get("num_classes", 0))
+def num_classes(config, classifier_config=None) -> int:
+    """The classes samples are drawn for: the model's (its null label is this number), else
+    those of the classifier that guides an unconditional model; 0: none."""
+    k = int(config.model.get("num_classes", 0))
+    if not k and classifier_config is not None:
+        k = int(classifier_config.model.num_classes)
+    return k
 
 
-def cycled_labels(config, num_samples: int) -> np.ndarray | None:
-    """Labels 0, 1, ..., K-1, 0, 1, ... for num_samples samples of a class-conditional model
-    (K classes); None for an unconditional one."""
-    k = num_classes(config)
+def cycled_labels(config, num_samples: int, classifier_config=None) -> np.ndarray | None:
+    """Labels 0, 1, ..., K-1, 0, 1, ... for num_samples samples of a class-conditional or
+    classifier-guided model (K classes, `num_classes`); None for an unguided unconditional one."""
+    k = num_classes(config, classifier_config)
     return np.arange(num_samples, dtype=np.int32) % k if k else None
 
 
-def check_labels(config, labels, num_samples: int) -> np.ndarray | None:
+def check_labels(config, labels, num_samples: int, classifier_config=None) -> np.ndarray | None:
     """labels as int32 (num_samples,), or ValueError: they must be given (as one per sample)
-    exactly for a class-conditional model, each in 0..K-1."""
-    k = num_classes(config)
+    exactly for a class-conditional or classifier-guided model, each in 0..K-1."""
+    k = num_classes(config, classifier_config)
     if labels is None:
-        return None if not k else cycled_labels(config, num_samples)
+        return None if not k else cycled_labels(config, num_samples, classifier_config)
     if not k:
         raise ValueError("labels given for an unconditional model (model.num_classes=0)")
     labels = np.asarray(labels)
@@ -47,9 +51,9 @@ def check_labels(config, labels, num_samples: int) -> np.ndarray | None:
     return labels.astype(np.int32)
 
 
-def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
-    """sample(params, key, num_samples, *, batch_size, sampler, steps, eta, labels, guidance)
-    -> uint8 (N, H, W, C).
+def make_sampler(model, schedule, config, mesh, *, progress: bool = False, classifier=None):
+    """sample(params, key, num_samples, *, batch_size, sampler, steps, eta, labels, guidance,
+    classifier_scale) -> uint8 (N, H, W, C).
 
     The chain runs on schedules.sampling_schedule(config, schedule): config.sampling.schedule
     when it names one, else `schedule` (the training schedule). Defaults come from
@@ -60,6 +64,12 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
     noise depend only on (key, i) (samplers.per_sample_normal with the global index i), so
     sample i is the same whatever the batch size or the device count. The chain is compiled
     once per (batch, sampler): the first index of a batch, the labels and the weight are traced.
+
+    classifier: (apply_fn, params, config) of a noisy classifier (workdir.load_classifier), for
+    classifier guidance (Dhariwal & Nichol 2021) at scale `classifier_scale` (traced; default 1)
+    towards labels[i] (those of an unconditional model are the classifier's classes, cycled by
+    default), by the mean shift (DDPM) or the eps form (DDIM, DPM-Solver++) of
+    samplers.GUIDANCE_FORMS.
     """
     d, sc = config.diffusion, config.sampling
     schedule = schedules.sampling_schedule(config, schedule)
@@ -67,14 +77,29 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
     num_devices = mesh.devices.size
     progress_fn = samplers.tqdm_progress("denoising") if progress else None
 
-    k = num_classes(config)
+    classifier_config = None if classifier is None else classifier[2]
+    k = num_classes(config, classifier_config)
+    conditional = num_classes(config) > 0
 
-    def chain(params, padded, num_steps, key, eta, first, labels, w, batch, sampler):
+    def chain(params, padded, num_steps, key, eta, first, labels, w, guide, batch, sampler):
         def network(x_t, t, **model_kwargs):
             return model.apply({"params": params}, x_t, t, train=False, **model_kwargs)
 
-        denoise_fn, model_kwargs = network, {}
-        if k:
+        denoise_fn, model_kwargs, cond_fn = network, {}, None
+        if classifier is not None:  # guide = (classifier params, scale)
+            cond_fn = classifier_guidance.classifier_cond_fn(
+                classifier[0],
+                guide[0],
+                guide[1],
+                t_cutoff=classifier_config.training.get("t_cutoff", 0) or None,
+            )
+            model_kwargs = {"y": labels}
+            if not conditional:  # the labels are the classifier's only
+
+                def denoise_fn(x_t, t, y):
+                    return network(x_t, t)
+
+        if conditional:
             guided = guidance_lib.classifier_free(network, w, k, d.var_type)
 
             def denoise_fn(x_t, t, y):  # w = 0 skips the unconditional half at run time
@@ -103,9 +128,10 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
             model_kwargs=model_kwargs,
             sample_index=sample_index,
             noise_conditioning=d.get("noise_conditioning", "timestep"),
+            cond_fn=cond_fn,
         )["sample"]
 
-    compiled = jax.jit(chain, static_argnums=(8, 9))
+    compiled = jax.jit(chain, static_argnums=(9, 10))
 
     def sample(
         params,
@@ -118,16 +144,23 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
         eta=None,
         labels=None,
         guidance=None,
+        classifier_scale=None,
     ):
         sampler = sampler or sc.sampler
         steps = steps or sc.steps
         eta = sc.eta if eta is None else eta
         w = sc.get("guidance", 0.0) if guidance is None else guidance
-        if w and not k:
+        if w and not conditional:
             raise ValueError("guidance given for an unconditional model (model.num_classes=0)")
         if w < 0:
             raise ValueError(f"guidance must be >= 0, got {w}")
-        labels = check_labels(config, labels, num_samples)
+        if classifier_scale is not None and classifier is None:
+            raise ValueError("classifier_scale given without a classifier")
+        guide = None
+        if classifier is not None:
+            scale = 1.0 if classifier_scale is None else classifier_scale
+            guide = (classifier[1], np.float32(scale))
+        labels = check_labels(config, labels, num_samples, classifier_config)
         batch = min(batch_size or sc.batch_size, num_samples)
         batch = -(-batch // num_devices) * num_devices  # a multiple of the device count
         padded = samplers.prepare_schedule(schedule, steps, sampler)
@@ -136,9 +169,8 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False):
         out = []
         for first in range(0, num_samples, batch):
             y = None if labels is None else labels[first : first + batch]
-            x = compiled(
-                params, padded, steps, key, float(eta), first, y, np.float32(w), batch, sampler
-            )
+            traced = (float(eta), first, y, np.float32(w), guide)
+            x = compiled(params, padded, steps, key, *traced, batch, sampler)
             if jax.process_count() > 1:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(to_uint8(np.asarray(x)))

@@ -32,7 +32,13 @@ from absl import app, flags
 from diffusion_jax import __version__, cli, generate, grid, hostmem, parallel, schedules
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.samplers import SAMPLERS
-from diffusion_jax.workdir import Workdir, load_config, load_workdir
+from diffusion_jax.workdir import (
+    Workdir,
+    check_classifier,
+    load_classifier,
+    load_config,
+    load_workdir,
+)
 
 GRID_IMAGES = 100
 
@@ -74,15 +80,19 @@ def sampler_options(
     return dict(options, guidance=float(guidance))
 
 
-def parse_labels(text: str | None, config, num_samples: int) -> np.ndarray | None:
+def parse_labels(
+    text: str | None, config, num_samples: int, classifier_config=None
+) -> np.ndarray | None:
     """The per-sample labels of `--labels`: "3" (all), "0,1,2" (cycled over the samples), None
-    (0..K-1 cycled); None for an unconditional model, which must not be given labels."""
-    k = generate.num_classes(config)
+    (0..K-1 cycled); None for an unguided unconditional model, which must not be given labels.
+    K is the model's classes, or the guiding classifier's (generate.num_classes)."""
+    k = generate.num_classes(config, classifier_config)
     if text is None:
-        return generate.cycled_labels(config, num_samples)
+        return generate.cycled_labels(config, num_samples, classifier_config)
     if not k:
         raise cli.UserError(
-            f"--labels={text}: this workdir's model is unconditional (model.num_classes=0)"
+            f"--labels={text}: this workdir's model is unconditional (model.num_classes=0) "
+            "and no --classifier_workdir guides it"
         )
     try:
         values = [int(v) for v in text.split(",")]
@@ -99,12 +109,22 @@ def parse_labels(text: str | None, config, num_samples: int) -> np.ndarray | Non
 
 
 def sample_workdir(
-    wd: Workdir, num_samples: int, options: dict, *, seed: int = 0, mesh=None, labels=None
+    wd: Workdir,
+    num_samples: int,
+    options: dict,
+    *,
+    seed: int = 0,
+    mesh=None,
+    labels=None,
+    classifier=None,
 ):
     """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`;
-    labels: one class per sample of a class-conditional model (None: cycled)."""
+    labels: one class per sample of a class-conditional or classifier-guided model (None:
+    cycled); classifier: workdir.load_classifier's (apply_fn, params, config)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
-    sample = generate.make_sampler(wd.model, wd.schedule, wd.config, mesh, progress=True)
+    sample = generate.make_sampler(
+        wd.model, wd.schedule, wd.config, mesh, progress=True, classifier=classifier
+    )
     return sample(wd.params, jax.random.key(seed), num_samples, labels=labels, **options)
 
 
@@ -145,22 +165,49 @@ def read_provenance(npz) -> dict | None:
     return json.loads(str(npz["provenance"]))
 
 
-def run(workdir, num_samples: int, output, *, seed: int = 0, labels=None, **options) -> dict:
+def run(
+    workdir,
+    num_samples: int,
+    output,
+    *,
+    seed: int = 0,
+    labels=None,
+    classifier_workdir=None,
+    classifier_scale=None,
+    **options,
+) -> dict:
     """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record.
-    labels: the `--labels` text (None: classes cycled, for a class-conditional model)."""
+    labels: the `--labels` text (None: classes cycled, for a class-conditional or
+    classifier-guided model); classifier_workdir: a noisy classifier's workdir that guides the
+    chain at classifier_scale (default 1)."""
     start = time.time()
     if num_samples < 1:
         raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
+    if classifier_scale is not None and classifier_workdir is None:
+        raise cli.UserError(
+            f"--classifier_scale={classifier_scale}: give the classifier's --classifier_workdir"
+        )
     output = Path(output)
     config = load_config(workdir)
     options = sampler_options(config, **options)
-    label_array = parse_labels(labels, config, num_samples)
+    classifier_config = None
+    if classifier_workdir is not None:
+        classifier_config = check_classifier(classifier_workdir, config)
+        options["classifier_scale"] = 1.0 if classifier_scale is None else float(classifier_scale)
+    label_array = parse_labels(labels, config, num_samples, classifier_config)
     if jax.process_index() == 0:
         check_output(output)
     mesh = parallel.make_mesh()
     wd = load_workdir(workdir, config=config, mesh=mesh)
-    images = sample_workdir(wd, num_samples, options, seed=seed, mesh=mesh, labels=label_array)
+    classifier = None
+    if classifier_workdir is not None:
+        classifier = load_classifier(classifier_workdir, config, mesh=mesh)
+    images = sample_workdir(
+        wd, num_samples, options, seed=seed, mesh=mesh, labels=label_array, classifier=classifier
+    )
     made = provenance(workdir, wd.step, num_samples, seed, options)
+    if classifier_workdir is not None:
+        made["classifier_workdir"] = str(Path(classifier_workdir).resolve())
     if labels is not None:
         made["labels"] = labels
     record = dict(output=str(output), grid=None, **made)
@@ -214,8 +261,19 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "labels",
         None,
-        "Class-conditional models: a class (3) or classes cycled over the samples (0,1,2); "
-        "default 0..K-1 cycled.",
+        "Class-conditional or classifier-guided models: a class (3) or classes cycled over the "
+        "samples (0,1,2); default 0..K-1 cycled.",
+    )
+    flags.DEFINE_string(
+        "classifier_workdir",
+        None,
+        "Classifier guidance: the workdir of a noisy classifier (configs/classifier_digits.py) "
+        "trained on the same data and schedule.",
+    )
+    flags.DEFINE_float(
+        "classifier_scale",
+        None,
+        "Classifier guidance scale s: the chain follows s * grad log p(y | x_t) (default 1).",
     )
     define_sampler_flags()
 
@@ -239,6 +297,8 @@ def main(argv) -> None:
             batch_size=f.batch_size,
             guidance=f.guidance,
             labels=f.labels,
+            classifier_workdir=f.classifier_workdir,
+            classifier_scale=f.classifier_scale,
         )
     print(json.dumps(record))
 

@@ -247,15 +247,12 @@ CLASSIFIER_MATCH_FIELDS = (
 )
 
 
-def load_classifier(workdir, diffusion_config=None, *, mesh=None):
-    """A noisy classifier trained in `workdir` (training.objective "classifier"), for guidance:
-    (apply_fn, params, config) with apply_fn(params, x_t, t) -> logits (B, num_classes), the
-    EMA parameters replicated over `mesh` (default: all devices) and the classifier's config.
-
-    With `diffusion_config` (the guided model's), the classifier must share its
-    CLASSIFIER_MATCH_FIELDS and, for a class-conditional model, its num_classes; a mismatch is
-    a UserError naming the field, raised before any checkpoint is read or anything compiles.
-    """
+def check_classifier(workdir, diffusion_config=None):
+    """The config of the noisy classifier trained in `workdir` (training.objective
+    "classifier"), checked against the diffusion model it is to guide (`diffusion_config`):
+    the same CLASSIFIER_MATCH_FIELDS, its num_classes for a class-conditional model, and a
+    timestep-conditioned model (the classifier sees the step, not a noise level). A mismatch is
+    a UserError naming the field; nothing is read but config.json."""
     config = load_config(workdir)
     objective = config.training.get("objective", "diffusion")
     if objective != "classifier":
@@ -277,6 +274,23 @@ def load_classifier(workdir, diffusion_config=None, *, mesh=None):
                 f"classifier workdir {workdir} has {config.model.num_classes} classes but the "
                 f"diffusion model has model.num_classes={model_classes}"
             )
+        conditioning = diffusion_config.diffusion.get("noise_conditioning", "timestep")
+        if conditioning != "timestep":
+            raise UserError(
+                f"classifier guidance needs a timestep-conditioned model; this one has "
+                f"diffusion.noise_conditioning={conditioning!r}"
+            )
+    return config
+
+
+def load_classifier(workdir, diffusion_config=None, *, mesh=None):
+    """A noisy classifier trained in `workdir` (training.objective "classifier"), for guidance:
+    (apply_fn, params, config) with apply_fn(params, x_t, t) -> logits (B, num_classes), the
+    EMA parameters replicated over `mesh` (default: all devices) and the classifier's config.
+    With `diffusion_config` (the guided model's), `check_classifier` runs first, before any
+    checkpoint is read or anything compiles.
+    """
+    config = check_classifier(workdir, diffusion_config)
     mesh = parallel.make_mesh() if mesh is None else mesh
     model = models.create_model(training.model_config(config))
     params, _ = _restore_ema_params(Path(workdir) / CHECKPOINT_DIR, model, config, mesh)
