@@ -16,13 +16,12 @@ import jax.numpy as jnp
 from diffusion_jax.models.layers import (
     NORM_EPS,
     TimestepEmbedding,
-    conv,
     dense,
     layer_kinds,
     timestep_embedding,
     zero_init,
 )
-from diffusion_jax.models.unet import DTYPES, DownBlock, MidBlock, check_unet_fields
+from diffusion_jax.models.unet import DTYPES, check_unet_fields, encode
 
 
 class MeanPool(nn.Module):
@@ -131,35 +130,8 @@ class Classifier(nn.Module):
         temb = TimestepEmbedding(4 * self.ch, dtype, self.kernels, name="time_embedding")(
             timestep_embedding(t, self.ch, self.flip_sin_to_cos, self.freq_shift)
         )
-        h = conv(kinds, self.ch, 3, dtype, "conv_in")(x)
-        levels = len(self.ch_mult)
-        for i, (mult, size) in enumerate(zip(self.ch_mult, self.resolutions, strict=True)):
-            width = self.ch * mult
-            h, _ = DownBlock(
-                out_channels=width,
-                num_res_blocks=self.num_res_blocks,
-                use_attn=size in self.attn_resolutions,
-                add_downsample=i < levels - 1,
-                dropout=self.dropout,
-                num_groups=self.num_groups,
-                norm_eps=self.norm_eps,
-                num_heads=self._heads(width),
-                resamp_with_conv=self.resamp_with_conv,
-                downsample_padding=self.downsample_padding,
-                dtype=dtype,
-                kernels=self.kernels,
-                name=f"down_blocks_{i}",
-            )(h, temb, train)
+        h, _ = encode(self, x, temb, train, dtype)
         heads = self._heads(h.shape[-1])
-        h = MidBlock(
-            self.dropout,
-            self.num_groups,
-            self.norm_eps,
-            heads,
-            dtype,
-            self.kernels,
-            name="mid_block",
-        )(h, temb, train)
         h = kinds.group_norm(self.num_groups, self.norm_eps, dtype, "norm_out", act=True)(h)
         logits = POOLS[self.pool](self.num_classes, heads, dtype, self.kernels, name="head")(h)
         return logits.astype(jnp.float32)

@@ -241,6 +241,45 @@ def check_unet_fields(m: "UNet") -> None:
             )
 
 
+def encode(m, x, temb, train: bool, dtype):
+    """conv_in, the down blocks and the middle block of `m` (a UNet or a module with the same
+    fields, such as the noisy classifier), called from inside m's compact __call__ so that the
+    layers are m's own (conv_in, down_blocks_i, mid_block). Returns the middle block's output
+    and the skip activations the UNet's up blocks take, outermost first."""
+    kinds = layer_kinds(m.kernels, dtype)
+    h = conv(kinds, m.ch, 3, dtype, "conv_in")(x)
+    skips = [h]
+    levels = len(m.ch_mult)
+    for i, (mult, size) in enumerate(zip(m.ch_mult, m.resolutions, strict=True)):
+        width = m.ch * mult
+        h, block_skips = DownBlock(
+            out_channels=width,
+            num_res_blocks=m.num_res_blocks,
+            use_attn=size in m.attn_resolutions,
+            add_downsample=i < levels - 1,
+            dropout=m.dropout,
+            num_groups=m.num_groups,
+            norm_eps=m.norm_eps,
+            num_heads=m._heads(width),
+            resamp_with_conv=m.resamp_with_conv,
+            downsample_padding=m.downsample_padding,
+            dtype=dtype,
+            kernels=m.kernels,
+            name=f"down_blocks_{i}",
+        )(h, temb, train)
+        skips.extend(block_skips)
+    h = MidBlock(
+        m.dropout,
+        m.num_groups,
+        m.norm_eps,
+        m._heads(h.shape[-1]),
+        dtype,
+        m.kernels,
+        name="mid_block",
+    )(h, temb, train)
+    return h, skips
+
+
 class UNet(nn.Module):
     """DDPM UNet. x (B, H, W, in_channels) in [-1, 1], t (B,) int or float -> float32
     (B, H, W, out_channels).
@@ -345,36 +384,7 @@ class UNet(nn.Module):
         if self.cond_channels:
             x = jnp.concatenate([x, cond_image], axis=-1)
 
-        h = conv(kinds, self.ch, 3, dtype, "conv_in")(x)
-        skips = [h]
-        for i, (mult, size) in enumerate(zip(self.ch_mult, self.resolutions, strict=True)):
-            width = self.ch * mult
-            h, block_skips = DownBlock(
-                out_channels=width,
-                num_res_blocks=self.num_res_blocks,
-                use_attn=size in self.attn_resolutions,
-                add_downsample=i < levels - 1,
-                dropout=self.dropout,
-                num_groups=self.num_groups,
-                norm_eps=self.norm_eps,
-                num_heads=self._heads(width),
-                resamp_with_conv=self.resamp_with_conv,
-                downsample_padding=self.downsample_padding,
-                dtype=dtype,
-                kernels=self.kernels,
-                name=f"down_blocks_{i}",
-            )(h, temb, train)
-            skips.extend(block_skips)
-
-        h = MidBlock(
-            self.dropout,
-            self.num_groups,
-            self.norm_eps,
-            self._heads(h.shape[-1]),
-            dtype,
-            self.kernels,
-            name="mid_block",
-        )(h, temb, train)
+        h, skips = encode(self, x, temb, train, dtype)
 
         n = self.num_res_blocks + 1
         for i in range(levels):
