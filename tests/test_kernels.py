@@ -111,9 +111,9 @@ def test_jvp_through_training_losses_with_xla():
     x0, _ = data()
     params = random_params(model, x0, jnp.array([0, 0]))
     schedule = schedules.make_schedule("linear", num_timesteps=1000)
-    t = jnp.array([10, 600])
+    t = np.array([10, 600])  # numpy: a constant under jit, for training_losses' check of it
 
-    @jax.jit  # t stays a concrete constant inside, for training_losses' check of its values
+    @jax.jit
     def loss(p):
         def denoise_fn(x_t, t):
             return model.apply({"params": p}, x_t, t)

@@ -297,6 +297,7 @@ def test_sample_i_is_the_same_at_any_batch_size_and_device_count(s, eps_fn, samp
     config = ml_collections.ConfigDict(
         dict(
             data=dict(image_size=4, num_channels=1),
+            model=dict(num_classes=0),
             diffusion=dict(parameterization="eps", var_type="fixed_large"),
             sampling=dict(sampler=sampler, steps=10, eta=eta, clip_denoised=True, batch_size=8),
         )

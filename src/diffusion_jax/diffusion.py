@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffusion_jax.gaussian import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from diffusion_jax.schedules import Schedule
@@ -77,8 +78,9 @@ def check_timesteps(schedule: Schedule, t, batch_size: int | None = None) -> Non
         raise ValueError(f"t has batch size {t.shape[0]} but x has batch size {batch_size}")
     if not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"t must hold integer timestep indices, got dtype {t.dtype}")
-    if not isinstance(t, jax.core.Tracer):
-        lo, hi = int(jnp.min(t)), int(jnp.max(t))
+    if not isinstance(t, jax.core.Tracer):  # numpy: a concrete t stays concrete under jit
+        values = np.asarray(t)
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= schedule.num_timesteps:
             raise ValueError(
                 f"t must lie in [0, {schedule.num_timesteps}), got values in [{lo}, {hi}]"
