@@ -111,9 +111,8 @@ def test_jvp_through_training_losses_with_xla():
     x0, _ = data()
     params = random_params(model, x0, jnp.array([0, 0]))
     schedule = schedules.make_schedule("linear", num_timesteps=1000)
-    t = np.array([10, 600])  # numpy: a constant under jit, for training_losses' check of it
+    t = jnp.array([10, 600])
 
-    @jax.jit
     def loss(p):
         def denoise_fn(x_t, t):
             return model.apply({"params": p}, x_t, t)
@@ -122,8 +121,9 @@ def test_jvp_through_training_losses_with_xla():
         return out["loss"].mean()
 
     dp = jax.tree.map(lambda p: jax.random.normal(jax.random.key(8), p.shape), params)
-    value, forward = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,)))(params, dp)
-    grads = jax.jit(jax.grad(loss))(params)
+    # eager: compiling the jvp and the gradient of the whole loss costs more than running them
+    value, forward = jax.jvp(loss, (params,), (dp,))
+    grads = jax.grad(loss)(params)
     reverse = tree_vdot(grads, dp)
     scale = tree_vdot(jax.tree.map(abs, grads), jax.tree.map(abs, dp))
     assert abs(float(forward - reverse)) < 1e-5 * float(scale)
@@ -172,6 +172,7 @@ def test_auto_in_bfloat16_is_plain_flax_so_forward_mode_works():
     assert jv.shape == x.shape
 
 
+@pytest.mark.slow
 def test_reverse_mode_is_unchanged_by_the_forward_mode_guard():
     """grad, vmap of grad (per-example gradients) and grad of vmap work with "fast_cpu" and
     agree with each other; the compiled gradient holds Winograd's 36 tile products."""
@@ -191,6 +192,7 @@ def test_reverse_mode_is_unchanged_by_the_forward_mode_guard():
     assert "[36," in hlo  # the Winograd products, forward and backward
 
 
+@pytest.mark.slow
 def test_grad_through_a_ddim_chain_agrees_between_settings():
     """jax.grad with respect to the model's parameters through a 3-step DDIM chain (a scan), by
     XLA's autodiff ("xla") and by the kernels' VJPs ("fast_cpu"): the directional derivatives

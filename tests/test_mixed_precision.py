@@ -8,6 +8,7 @@ about a dozen rounded layers, so the two losses agree to a few percent; 5% is th
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from train_harness import tiny_config
 
 from diffusion_jax import models, training
@@ -25,6 +26,7 @@ def one_step(mixed: bool):
     return model, new_state, metrics, jaxpr
 
 
+@pytest.mark.slow
 def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_state():
     model, state, metrics, jaxpr = one_step(mixed=True)
     assert model.dtype == "bfloat16"

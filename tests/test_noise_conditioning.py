@@ -203,6 +203,7 @@ def test_every_entry_point_tells_the_network_the_level_of_its_schedule():
     np.testing.assert_allclose(times(), np.sort(sample_levels), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_steps_of_a_tiny_unet_with_continuous_levels():
     """The tiny UNet trains with sqrt_alpha_bar conditioning: finite losses, and then its output
     depends on the level. Two steps: the UNet starts with conv_out and every residual block's

@@ -74,6 +74,7 @@ def saving(workdir, min_step: int):
 # --- SIGKILL -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_checkpoint_save_loses_nothing(tmp_path, reference):
     workdir = tmp_path / "run"
     run = Run(workdir, {"training.checkpoint_every": 1})
@@ -122,6 +123,7 @@ def test_sigkill_anywhere_then_same_command_reaches_the_same_end(tmp_path, refer
 # --- SIGTERM (preemption) --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, reference, caplog):
     workdir = tmp_path / "run"
     run = Run(workdir, {"training.num_train_steps": 1000, "training.checkpoint_every": 1000})

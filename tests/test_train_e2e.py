@@ -33,6 +33,7 @@ from diffusion_jax.validation import ConfigError
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "steps_per_sec", "examples_per_sec"}
 
 
+@pytest.mark.slow
 def test_cli_trains_then_resumes_with_more_steps(tmp_path):
     workdir = tmp_path / "run"
     first = run_cli(
