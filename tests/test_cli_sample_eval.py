@@ -232,6 +232,7 @@ def test_evaluate_errors(workdir, cache_dir, tmp_path):
 
 
 @pytest.mark.interop
+@pytest.mark.slow
 def test_diffusers_import_gives_a_workdir_that_samples(cache_dir, tmp_path):
     import diffusers
     import torch
@@ -313,6 +314,7 @@ def test_clis_keep_compiled_programs_in_the_user_cache(tmp_path):
     assert path == "None" and "no XLA compilation cache" in stderr
 
 
+@pytest.mark.slow
 def test_sample_with_classifier_guidance(workdir, tmp_path):
     """--classifier_workdir guides the unconditional tiny model towards the classifier's classes
     (cycled, written as `labels`); scale 0 is the unguided chain up to float rounding (the

@@ -189,6 +189,7 @@ def tiny_conditional_config():
     return config
 
 
+@pytest.mark.slow
 def test_sampler_does_not_recompile_for_new_labels_guidance_or_steps():
     config = tiny_conditional_config()
     model = models.create_model(training.model_config(config))

@@ -27,6 +27,9 @@ CONDITIONAL = {
     "sampling.batch_size": 16,
 }
 
+# Each test here trains or samples a conditional run through the CLIs: the slow stage.
+pytestmark = pytest.mark.slow
+
 
 def _train(config, workdir):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -71,7 +74,6 @@ def _count_compiles():
     return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
 
 
-@pytest.mark.slow
 def test_conditional_run_resumes_exactly_and_previews_a_row_per_class(tmp_path, workdir):
     assert (workdir / "samples" / "step_000008.png").is_file()
     resumed = tmp_path / "resumed"
@@ -85,7 +87,6 @@ def test_conditional_run_resumes_exactly_and_previews_a_row_per_class(tmp_path, 
     assert "class_embedding" in state["params"]
 
 
-@pytest.mark.slow
 def test_sample_cli_labels_guidance_and_npz_labels(workdir, tmp_path):
     out = tmp_path / "three.npz"
     proc = subprocess.run(

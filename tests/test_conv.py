@@ -211,6 +211,7 @@ def test_dense_dot_general_is_a_drop_in(shape):
     assert [e.primitive.name for e in eqns] == ["dot_general"]
 
 
+@pytest.mark.slow
 def test_unet_gradient_equals_the_one_through_lax_convolutions():
     """The whole UNet's parameter gradient under kernels="fast_cpu" against "xla" (Flax's own
     layers, XLA's autodiff)."""

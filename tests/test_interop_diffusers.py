@@ -152,7 +152,7 @@ TOLERANCE = 3e-5
     "kwargs, batch, kernels",
     [
         (SMALL, 4, "auto"),
-        (DDPM_CIFAR, 2, "auto"),
+        pytest.param(DDPM_CIFAR, 2, "auto", marks=pytest.mark.slow),
         (EXAMPLE, 3, "auto"),
         (HEADS, 4, "xla"),
         ({**HEADS, "norm_eps": 0.1}, 4, "auto"),

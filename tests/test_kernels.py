@@ -67,7 +67,9 @@ def test_parameter_trees_are_identical_under_every_setting():
     assert set(norm) == {"scale", "bias"}
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train_dropout"])
+@pytest.mark.parametrize(
+    "train", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eval", "train_dropout"]
+)
 def test_same_params_give_the_same_outputs(train):
     """One parameter tree under all three settings, the same dropout rng: the same outputs (and
     so the same dropout masks: one flipped mask element moves the output by O(1))."""
@@ -84,6 +86,7 @@ def test_same_params_give_the_same_outputs(train):
         assert rel_err(out(k), ref) < 1e-4, k
 
 
+@pytest.mark.slow
 def test_jvp_and_jacfwd_through_the_unet_with_xla():
     model = tiny("xla")
     x, t = data(batch=1)
@@ -104,6 +107,7 @@ def test_jvp_and_jacfwd_through_the_unet_with_xla():
     assert rel_err(jac_fwd, jac_rev) < 1e-5
 
 
+@pytest.mark.slow
 def test_jvp_through_training_losses_with_xla():
     """The directional derivative of the loss in parameter space, forward mode against reverse
     mode and finite differences."""
@@ -111,8 +115,9 @@ def test_jvp_through_training_losses_with_xla():
     x0, _ = data()
     params = random_params(model, x0, jnp.array([0, 0]))
     schedule = schedules.make_schedule("linear", num_timesteps=1000)
-    t = jnp.array([10, 600])
+    t = np.array([10, 600])  # numpy: a constant under jit, for training_losses' check of it
 
+    @jax.jit
     def loss(p):
         def denoise_fn(x_t, t):
             return model.apply({"params": p}, x_t, t)
@@ -121,9 +126,8 @@ def test_jvp_through_training_losses_with_xla():
         return out["loss"].mean()
 
     dp = jax.tree.map(lambda p: jax.random.normal(jax.random.key(8), p.shape), params)
-    # eager: compiling the jvp and the gradient of the whole loss costs more than running them
-    value, forward = jax.jvp(loss, (params,), (dp,))
-    grads = jax.grad(loss)(params)
+    value, forward = jax.jit(lambda p, d: jax.jvp(loss, (p,), (d,)))(params, dp)
+    grads = jax.jit(jax.grad(loss))(params)
     reverse = tree_vdot(grads, dp)
     scale = tree_vdot(jax.tree.map(abs, grads), jax.tree.map(abs, dp))
     assert abs(float(forward - reverse)) < 1e-5 * float(scale)
@@ -137,7 +141,7 @@ def test_jvp_through_training_losses_with_xla():
     assert np.isfinite(float(value))
 
 
-@pytest.mark.parametrize("kernels", ["fast_cpu", "auto"])
+@pytest.mark.parametrize("kernels", [pytest.param("fast_cpu", marks=pytest.mark.slow), "auto"])
 def test_forward_mode_through_the_fast_kernels_raises_one_line_naming_the_switch(kernels):
     model = tiny(kernels)
     x, t = data(batch=1)
