@@ -20,8 +20,6 @@ from diffusion_jax.cli import UserError
 from diffusion_jax.config import load_config
 from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
 from diffusion_jax.interop.diffusers import import_to_workdir, load_unet2d
-from diffusion_jax.metrics import digits_classifier
-from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.workdir import load_config as load_saved_config
 from diffusion_jax.workdir import load_workdir
 
@@ -37,21 +35,6 @@ def tiny_config():
     config.training.update(batch_size=8, num_train_steps=3, sample_every=0, checkpoint_every=3)
     config.sampling.update(steps=4, batch_size=8)
     return config
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """A fresh metrics cache for this module, holding an untrained digits classifier: these
-    tests check the plumbing, not the scores, and training it (test_metrics does) takes ~10 s."""
-    path = tmp_path_factory.mktemp("cache")
-    x = jax.ShapeDtypeStruct((1, *digits_classifier.IMAGE_SHAPE), np.float32)
-    shapes = jax.eval_shape(digits_classifier.DigitsCNN().init, jax.random.key(0), x)
-    rng = np.random.default_rng(0)
-    weights = jax.tree.map(lambda s: rng.normal(0.0, 0.1, s.shape).astype(np.float32), shapes)
-    save_tree(path / digits_classifier.CACHE_FILENAME, weights)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFUSION_JAX_CACHE", str(path))
-        yield path
 
 
 @pytest.fixture(scope="module")

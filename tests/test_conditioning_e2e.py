@@ -16,8 +16,6 @@ from diffusion_jax import metrics, sample, train
 from diffusion_jax.cli import UserError
 from diffusion_jax.data.digits import load_digits
 from diffusion_jax.evaluate import evaluate_class_accuracy, evaluate_nll
-from diffusion_jax.metrics import digits_classifier
-from diffusion_jax.metrics.cache import save_tree
 
 CONDITIONAL = {
     "model.num_classes": 10,
@@ -47,20 +45,6 @@ def workdir(tmp_path_factory):
     preview = {"training.sample_every": 8, "training.num_preview_samples": 20}
     _train(tiny_config({**CONDITIONAL, **preview}), path)
     return path
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """An untrained digits classifier in a fresh cache (the plumbing, not the scores)."""
-    path = tmp_path_factory.mktemp("cache")
-    x = jax.ShapeDtypeStruct((1, *digits_classifier.IMAGE_SHAPE), np.float32)
-    shapes = jax.eval_shape(digits_classifier.DigitsCNN().init, jax.random.key(0), x)
-    rng = np.random.default_rng(0)
-    weights = jax.tree.map(lambda s: rng.normal(0.0, 0.1, s.shape).astype(np.float32), shapes)
-    save_tree(path / digits_classifier.CACHE_FILENAME, weights)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DIFFUSION_JAX_CACHE", str(path))
-        yield path
 
 
 def _count_compiles():

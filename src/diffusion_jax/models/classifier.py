@@ -7,6 +7,7 @@ attention pooling, the paper's choice), "mean" averages over positions and appli
 It knows nothing about diffusion: t is whatever the denoiser sees.
 """
 
+import dataclasses
 import types
 from typing import Any
 
@@ -21,7 +22,7 @@ from diffusion_jax.models.layers import (
     timestep_embedding,
     zero_init,
 )
-from diffusion_jax.models.unet import DTYPES, check_unet_fields, encode
+from diffusion_jax.models.unet import DTYPES, UNet, check_unet_fields, encode
 
 
 class MeanPool(nn.Module):
@@ -137,31 +138,19 @@ class Classifier(nn.Module):
         return logits.astype(jnp.float32)
 
 
+# The fields the classifier takes from the UNet (checked by the UNet's checks): both modules'
+# dataclass fields but Flax's own and num_classes, which means the logits here.
+_SHARED_WITH_UNET = tuple(
+    f.name
+    for f in dataclasses.fields(Classifier)
+    if f.name in {g.name for g in dataclasses.fields(UNet)} - {"parent", "name", "num_classes"}
+)
+
+
 def check_classifier_fields(m: Classifier) -> None:
     """Raise ValueError naming the field, its value and what is allowed: the fields shared with
     the UNet by the UNet's checks, then num_classes and pool."""
-    shared = {
-        name: getattr(m, name)
-        for name in (
-            "ch",
-            "ch_mult",
-            "num_res_blocks",
-            "attn_resolutions",
-            "image_size",
-            "in_channels",
-            "dropout",
-            "resamp_with_conv",
-            "downsample_padding",
-            "num_groups",
-            "norm_eps",
-            "num_heads",
-            "num_head_channels",
-            "flip_sin_to_cos",
-            "freq_shift",
-            "dtype",
-            "kernels",
-        )
-    }
+    shared = {name: getattr(m, name) for name in _SHARED_WITH_UNET}
     proxy = types.SimpleNamespace(**shared, out_channels=None, num_classes=0, cond_channels=0)
     if isinstance(m.ch_mult, tuple | list) and isinstance(m.image_size, int):
         proxy.resolutions = tuple(m.image_size // 2**i for i in range(len(m.ch_mult)))
