@@ -155,7 +155,14 @@ BAD_CONFIGS = [
         {"model.num_classes": 10, "sampling.guidance": -1.0},
         ["sampling.guidance", "=-1.0 ", "[0.0, inf]"],
     ),
-    ({"model.cond_channels": 3}, ["model.cond_channels", "=3 ", "conditioning images"]),
+    ({"conditioning.degradation": "jpeg"}, ["conditioning.degradation", "'jpeg'", "'sr'"]),
+    ({"conditioning.degradation": "blur"}, ["conditioning.blur_sigma", "None"]),
+    (
+        {"conditioning.degradation": "sr", "conditioning.sr_factor": 3},
+        ["conditioning.sr_factor=3", "image_size=8"],
+    ),
+    ({"training.objective": "regression"}, ["conditioning.degradation", "regression"]),
+    ({"model.name": "refiner"}, ["conditioning.degradation", "refiner"]),
 ]
 
 

@@ -42,7 +42,6 @@ def base_config() -> config_dict.ConfigDict:
         num_groups=32,
         resamp_with_conv=True,
         num_classes=0,
-        cond_channels=0,
         dtype="float32",
         kernels="auto",  # models.layers.KERNELS: "xla" = plain Flax everywhere (forward-mode AD)
     )
@@ -86,6 +85,12 @@ def base_config() -> config_dict.ConfigDict:
     )
     config.conditioning = dict(
         p_uncond=0.0,  # label dropout onto the null label (classifier-free guidance training)
+        # degradations.DEGRADATIONS: the conditioning image made from each clean batch ("sr":
+        # SR3's low-res input, "blur"); "" = none. model.cond_channels follows from it.
+        degradation="",
+        sr_factor=2,  # "sr": the low-res image is the high-res one averaged over f x f blocks
+        blur_sigma=config_dict.placeholder(float),  # "blur": the Gaussian's sigma in pixels
+        noise_std=0.0,  # Gaussian noise added to the observation, in [-1, 1] units
     )
     config.sampling = dict(
         sampler="ddpm",

@@ -232,6 +232,12 @@ DEGRADATIONS: dict[str, Degradation] = {
 }
 
 
+def configured(config) -> str:
+    """config.conditioning.degradation: the DEGRADATIONS name of a model's conditioning image,
+    "" for none (also for a config saved before the field existed)."""
+    return config.get("conditioning", {}).get("degradation", "")
+
+
 def observe_uint8(name: str, clean, cfg, key) -> np.ndarray:
     """The observation of degradation `name` as the uint8 file sampling reads: (B, h, w, C)
     numpy, e.g. LR.npz from a high-res test set (for "sr": box_downsample of the uint8 images)."""

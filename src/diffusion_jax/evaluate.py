@@ -67,12 +67,17 @@ from diffusion_jax import (
 )
 from diffusion_jax.metrics import digits_classifier, inception
 from diffusion_jax.metrics.cache import default_cache_dir
-from diffusion_jax.sample import provenance, read_provenance, sample_workdir, sampler_options
+from diffusion_jax.sample import (
+    REFERENCE_INDEX,
+    provenance,
+    read_provenance,
+    sample_workdir,
+    sampler_options,
+)
 from diffusion_jax.workdir import load_config, load_workdir
 
 METRICS = ("nll", "fid", "is", "psnr", "ssim", "class_accuracy")
 IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim}  # (x, y, data_range) -> (N,)
-REFERENCE_INDEX = "reference_index"  # in a samples file: the reference row of each sample
 BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 REFERENCE_SPLIT = "train"
 DEFAULT_NUM_SAMPLES = 10_000

@@ -8,6 +8,15 @@ classifier-free guidance of weight `--guidance` (default config.sampling.guidanc
 also holds `labels` int32 (N,), and F.png shows a row per class when every class has as many
 samples.
 
+An image-conditioned workdir (config.conditioning.degradation, e.g. SR3's "sr" or "blur")
+samples `--condition=OBS.npz`: its `images` uint8 (N, h, w, C) are observations of any origin
+(for "sr" the low-res images, h = H / sr_factor; for "blur" the blurred ones); the network sees
+each as degradations.DEGRADATIONS[name].condition makes it. --num_samples defaults to N and may
+be k * N: k samples per observation, sample i * k + j being the j-th of observation i; F.npz
+also holds `reference_index` int32 (the observation of each sample, read by evaluate's psnr and
+ssim). A regression workdir (training.objective "regression") answers the same command with its
+deterministic predictions.
+
 Uses the EMA parameters of the newest readable checkpoint; NAME is a key of samplers.SAMPLERS;
 sampler, steps, eta and batch size default to the workdir's config.sampling. Writes F.npz
 (`images`: uint8 (N, H, W, C), and `provenance`: a JSON string saying how they were made, see
@@ -29,7 +38,16 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import __version__, cli, generate, grid, hostmem, parallel, schedules
+from diffusion_jax import (
+    __version__,
+    cli,
+    degradations,
+    generate,
+    grid,
+    hostmem,
+    parallel,
+    schedules,
+)
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.samplers import SAMPLERS
 from diffusion_jax.workdir import (
@@ -41,6 +59,7 @@ from diffusion_jax.workdir import (
 )
 
 GRID_IMAGES = 100
+REFERENCE_INDEX = "reference_index"  # in a samples file: the observation of each sample
 
 
 def sampler_options(
@@ -117,15 +136,18 @@ def sample_workdir(
     mesh=None,
     labels=None,
     classifier=None,
+    conditions=None,
 ):
     """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`;
     labels: one class per sample of a class-conditional or classifier-guided model (None:
-    cycled); classifier: workdir.load_classifier's (apply_fn, params, config)."""
+    cycled); classifier: workdir.load_classifier's (apply_fn, params, config); conditions: one
+    conditioning image per sample of an image-conditioned model (`load_condition`)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     sample = generate.make_sampler(
         wd.model, wd.schedule, wd.config, mesh, progress=True, classifier=classifier
     )
-    return sample(wd.params, jax.random.key(seed), num_samples, labels=labels, **options)
+    key = jax.random.key(seed)
+    return sample(wd.params, key, num_samples, labels=labels, conditions=conditions, **options)
 
 
 def check_output(output: Path) -> None:
@@ -165,23 +187,60 @@ def read_provenance(npz) -> dict | None:
     return json.loads(str(npz["provenance"]))
 
 
+def load_condition(path, config, num_samples: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(conditioning images float32 (num_samples, H, W, C), reference_index int32) of the
+    observations in `--condition=path`, each repeated num_samples / N times in a row; UserError
+    for a workdir without image conditioning, a file of the wrong shape or dtype, or a count
+    that is not a multiple of N."""
+    name = degradations.configured(config)
+    flag = f"--condition={path}"
+    if not name:
+        raise cli.UserError(f"{flag}: this workdir's model is not conditioned on images")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files:
+                raise cli.UserError(f"{flag}: no array 'images' in the file ({npz.files})")
+            images = npz["images"]
+    except (OSError, ValueError) as e:
+        raise cli.UserError(f"{flag}: cannot read it as an .npz ({e})") from None
+    c = config.data.num_channels
+    h = degradations.DEGRADATIONS[name].observed_size(config.data.image_size, config.conditioning)
+    if images.dtype != np.uint8:
+        raise cli.UserError(f"{flag}: images must be uint8 in [0, 255], got {images.dtype}")
+    if images.ndim != 4 or images.shape[1:] != (h, h, c) or not len(images):
+        raise cli.UserError(
+            f"{flag}: images must have shape (N, {h}, {h}, {c}) for this workdir's "
+            f"{name!r} conditioning, got {images.shape}"
+        )
+    n = len(images)
+    num_samples = n if num_samples is None else num_samples
+    if num_samples % n:
+        raise cli.UserError(
+            f"--num_samples={num_samples}: expected a multiple of the {n} observations in {path}"
+        )
+    index = np.repeat(np.arange(n, dtype=np.int32), num_samples // n)
+    return generate.condition_images(config, images)[index], index
+
+
 def run(
     workdir,
-    num_samples: int,
+    num_samples: int | None,
     output,
     *,
     seed: int = 0,
     labels=None,
     classifier_workdir=None,
     classifier_scale=None,
+    condition=None,
     **options,
 ) -> dict:
     """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record.
     labels: the `--labels` text (None: classes cycled, for a class-conditional or
     classifier-guided model); classifier_workdir: a noisy classifier's workdir that guides the
-    chain at classifier_scale (default 1)."""
+    chain at classifier_scale (default 1); condition: the `--condition` .npz of observations
+    (image-conditioned and regression workdirs; num_samples None: one sample each)."""
     start = time.time()
-    if num_samples < 1:
+    if num_samples is not None and num_samples < 1:
         raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
     if classifier_scale is not None and classifier_workdir is None:
         raise cli.UserError(
@@ -189,6 +248,17 @@ def run(
         )
     output = Path(output)
     config = load_config(workdir)
+    conditions = reference_index = None
+    if condition is not None:
+        conditions, reference_index = load_condition(condition, config, num_samples)
+        num_samples = len(conditions)
+    elif degradations.configured(config):
+        raise cli.UserError(
+            f"workdir {workdir} is conditioned on images (conditioning.degradation="
+            f"{degradations.configured(config)!r}): give --condition=OBS.npz"
+        )
+    elif num_samples is None:
+        raise cli.UserError("--num_samples is required (without --condition)")
     options = sampler_options(config, **options)
     classifier_config = None
     if classifier_workdir is not None:
@@ -203,19 +273,30 @@ def run(
     if classifier_workdir is not None:
         classifier = load_classifier(classifier_workdir, config, mesh=mesh)
     images = sample_workdir(
-        wd, num_samples, options, seed=seed, mesh=mesh, labels=label_array, classifier=classifier
+        wd,
+        num_samples,
+        options,
+        seed=seed,
+        mesh=mesh,
+        labels=label_array,
+        classifier=classifier,
+        conditions=conditions,
     )
     made = provenance(workdir, wd.step, num_samples, seed, options)
     if classifier_workdir is not None:
         made["classifier_workdir"] = str(Path(classifier_workdir).resolve())
     if labels is not None:
         made["labels"] = labels
+    if condition is not None:
+        made["condition"] = str(Path(condition).resolve())
     record = dict(output=str(output), grid=None, **made)
     if jax.process_index() == 0:
         # A JSON string as a numpy unicode array: readable with allow_pickle=False.
         arrays = {"images": images, "provenance": np.array(json.dumps(made))}
         if label_array is not None:
             arrays["labels"] = label_array
+        if reference_index is not None:
+            arrays[REFERENCE_INDEX] = reference_index
         save_tree(output, arrays)
         shown = slice(0, GRID_IMAGES)
         path = output.with_suffix(".png")
@@ -250,7 +331,11 @@ def define_sampler_flags() -> None:
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A workdir written by diffusion_jax.train.")
-    flags.DEFINE_integer("num_samples", None, "How many images to sample.")
+    flags.DEFINE_integer(
+        "num_samples",
+        None,
+        "How many images to sample (with --condition: a multiple of its N images, default N).",
+    )
     flags.DEFINE_string("output", None, "The .npz to write; the PNG grid goes beside it.")
     flags.DEFINE_integer(
         "batch_size",
@@ -275,6 +360,12 @@ def define_flags() -> None:
         None,
         "Classifier guidance scale s: the chain follows s * grad log p(y | x_t) (default 1).",
     )
+    flags.DEFINE_string(
+        "condition",
+        None,
+        "Image-conditioned models: an .npz whose `images` uint8 (N, h, w, C) are the "
+        "observations to condition on (SR3's low-res images, blurred images).",
+    )
     define_sampler_flags()
 
 
@@ -285,7 +376,7 @@ def main(argv) -> None:
     cli.quiet_libraries()
     f = flags.FLAGS
     with cli.user_errors():
-        cli.require_flags("workdir", "num_samples", "output")
+        cli.require_flags("workdir", "output")
         record = run(
             f.workdir,
             f.num_samples,
@@ -299,6 +390,7 @@ def main(argv) -> None:
             labels=f.labels,
             classifier_workdir=f.classifier_workdir,
             classifier_scale=f.classifier_scale,
+            condition=f.condition,
         )
     print(json.dumps(record))
 

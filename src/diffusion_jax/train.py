@@ -142,6 +142,7 @@ def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopReque
         donate_argnums=(0,),
     )
     sample = generate.make_sampler(model, schedule, config, mesh)
+    preview_conditions = generate.preview_conditions(config, source, tc.num_preview_samples)
     batches = data.create_batches(
         source,
         global_batch_size=tc.batch_size,
@@ -213,7 +214,9 @@ def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopReque
                 logging.info("sampling %d previews at step %d", tc.num_preview_samples, step)
                 n = tc.num_preview_samples
                 labels = generate.cycled_labels(config, n)
-                images = sample(state.ema_params, preview_key, n, labels=labels)
+                images = sample(
+                    state.ema_params, preview_key, n, labels=labels, conditions=preview_conditions
+                )
                 if jax.process_index() == 0:
                     path = workdir / "samples" / f"step_{step:06d}.png"
                     if labels is None:

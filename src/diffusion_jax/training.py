@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import optax
 from ml_collections import config_dict
 
-from diffusion_jax import classifier_guidance, diffusion, schedules
+from diffusion_jax import classifier_guidance, degradations, diffusion, schedules
 from diffusion_jax.data import to_model_range
+from diffusion_jax.models.refiner import Refiner, predict
 
 
 @jax.tree_util.register_dataclass
@@ -127,7 +128,8 @@ def init_state(model, optimizer, config, key) -> TrainState:
     t = jnp.zeros((1,), jnp.int32)
     kwargs = {}
     if objective(config) is OBJECTIVES["diffusion"]:  # a classifier's num_classes is its output
-        kwargs = model_kwargs_from_batch({"label": jnp.zeros((1,), jnp.int32)}, config)
+        batch = {"image": jnp.zeros(x.shape, jnp.uint8), "label": jnp.zeros((1,), jnp.int32)}
+        kwargs = model_kwargs_from_batch(batch, config)
     return new_state(model.init({"params": key}, x, t, train=False, **kwargs)["params"], optimizer)
 
 
@@ -157,10 +159,16 @@ def drop_labels(labels, null_label: int, p, key):
 
 
 def model_kwargs_from_batch(batch, config, key=None) -> dict:
-    """The model keyword arguments of a batch dict: `y` (its int32 labels) when
-    config.model.num_classes > 0, else none. With a key (training) and p_uncond > 0 the labels
-    are dropped onto the null label num_classes (`drop_labels`); without one they pass as
-    they are (init, bits/dim, sampling)."""
+    """The model keyword arguments of a batch dict.
+
+    `y`: its int32 labels when config.model.num_classes > 0. With a key (training) and
+    p_uncond > 0 the labels are dropped onto the null label num_classes (`drop_labels`);
+    without one they pass as they are (init, bits/dim, sampling).
+    `cond_image`: with a degradation, the batch's own "cond_image" when it has one (float32,
+    what the network sees), else DEGRADATIONS[name] of its clean "image", made here (on the
+    device, inside the step); its noise (noise_std > 0) is drawn with fold_in(key, 1), or a
+    fixed key without one, so evaluation sees the same observations every time.
+    """
     kwargs = {}
     num_classes = config.model.get("num_classes", 0)
     if num_classes:
@@ -168,6 +176,15 @@ def model_kwargs_from_batch(batch, config, key=None) -> dict:
         if key is not None and p_uncond(config) > 0:
             labels = drop_labels(labels, num_classes, p_uncond(config), key)
         kwargs["y"] = labels
+    name = degradations.configured(config)
+    if name:
+        if "cond_image" in batch:
+            kwargs["cond_image"] = jnp.asarray(batch["cond_image"], jnp.float32)
+        else:
+            noise_key = jax.random.key(0) if key is None else jax.random.fold_in(key, 1)
+            kwargs["cond_image"] = degradations.DEGRADATIONS[name](
+                batch["image"], config.conditioning, noise_key
+            )
     return kwargs
 
 
@@ -181,7 +198,15 @@ def make_loss_fn(model, schedule: schedules.Schedule, config):
 
     batch is {"image": uint8 (B, H, W, C), "label": int32 (B,), ...} (a bare image array is
     taken as {"image": it}); its model keyword arguments come from `model_kwargs_from_batch`.
-    key draws t (uniform over the schedule), the noise, the dropout masks and the label dropout.
+    key draws t (uniform over the schedule), the noise, the dropout masks, the label dropout and
+    the degradation's noise.
+
+    A Refiner (predict-and-refine) diffuses the residual x0 - g(y) given y and g(y), and adds
+    its predictor's L2 loss |g(y) - x0|^2 (per-image mean, term "predictor_loss") to the
+    diffusion loss. g(y) enters the residual and the conditioning under stop_gradient, so the
+    predictor is trained by its L2 loss alone (it stays the regression estimate, the
+    distortion end of the perception-distortion curve) and the denoiser by the diffusion loss
+    alone: the two stages of the method, trained jointly in one run and one workdir.
     """
     d = config.diffusion
     loss_kw = dict(
@@ -191,31 +216,64 @@ def make_loss_fn(model, schedule: schedules.Schedule, config):
         hybrid_lambda=d.hybrid_lambda,
         noise_conditioning=d.get("noise_conditioning", "timestep"),
     )
+    refine = isinstance(model, Refiner)
 
     def loss(params, batch, key):
         batch = as_batch(batch)
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
         x0 = to_model_range(batch["image"])
         t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
-        # The label dropout's key is folded in, not split off: t, noise and dropout masks stay
+        # The conditioning's key is folded in, not split off: t, noise and dropout masks stay
         # the draws of an unconditional step.
-        label_key = jax.random.fold_in(key, 1) if p_uncond(config) > 0 else None
-        kwargs = model_kwargs_from_batch(batch, config, label_key)
+        kwargs = model_kwargs_from_batch(batch, config, jax.random.fold_in(key, 1))
+        rngs = {"dropout": dropout_key}
+        if refine:
+            prediction = model.apply(
+                {"params": params},
+                kwargs["cond_image"],
+                train=True,
+                rngs={"dropout": jax.random.fold_in(dropout_key, 1)},
+                method=Refiner.predict_clean,
+            )
+            predictor_loss = jnp.mean(jnp.square(prediction - x0), axis=(1, 2, 3))
+            kwargs["prediction"] = jax.lax.stop_gradient(prediction)
+            x0 = x0 - kwargs["prediction"]
 
         def denoise_fn(x_t, t_model, **model_kwargs):
             return model.apply(
-                {"params": params},
-                x_t,
-                t_model,
-                train=True,
-                rngs={"dropout": dropout_key},
-                **model_kwargs,
+                {"params": params}, x_t, t_model, train=True, rngs=rngs, **model_kwargs
             )
 
         terms = diffusion.training_losses(
             schedule, denoise_fn, x0, t, noise_key, model_kwargs=kwargs, **loss_kw
         )
+        if refine:
+            terms = dict(terms, predictor_loss=predictor_loss)
+            terms["loss"] = terms["loss"] + predictor_loss
         return jnp.mean(terms["loss"]), terms
+
+    return loss
+
+
+def make_regression_loss_fn(model, schedule: schedules.Schedule, config):
+    """loss(params, batch, key) -> (mean loss, terms): L2 regression of the clean image from its
+    conditioning image alone, models.refiner.predict (y + net(y, t = 0)): per-image mean squared
+    error in the [-1, 1] range (term "loss"). The deterministic baseline of SR3 and of
+    predict-and-refine: the MMSE estimate, which a conditional diffusion model's samples are
+    compared with. key draws the dropout masks and the degradation's noise; schedule is unused.
+    """
+    del schedule
+
+    def loss(params, batch, key):
+        batch = as_batch(batch)
+        x0 = to_model_range(batch["image"])
+        y = model_kwargs_from_batch(batch, config, key)["cond_image"]
+
+        def net(x, t, train):
+            return model.apply({"params": params}, x, t, train=train, rngs={"dropout": key})
+
+        error = jnp.mean(jnp.square(predict(net, y, train=True) - x0), axis=(1, 2, 3))
+        return jnp.mean(error), {"loss": error}
 
     return loss
 
@@ -262,9 +320,18 @@ class Objective:
 
 
 def _denoiser_fields(config) -> dict:
-    """A denoiser outputs C channels, 2C with a learned variance."""
-    d = config.diffusion
-    return {"out_channels": diffusion.model_output_channels(config.data.num_channels, d.var_type)}
+    """A denoiser outputs C channels, 2C with a learned variance; with a degradation it sees a
+    conditioning image of C channels."""
+    c, d = config.data.num_channels, config.diffusion
+    return {
+        "out_channels": diffusion.model_output_channels(c, d.var_type),
+        "cond_channels": c if degradations.configured(config) else 0,
+    }
+
+
+def _regression_fields(config) -> dict:
+    """A regression network maps the conditioning image (its input) to C channels."""
+    return {"out_channels": config.data.num_channels, "cond_channels": 0}
 
 
 def _classifier_fields(config) -> dict:
@@ -274,7 +341,8 @@ def _classifier_fields(config) -> dict:
 
 # The one table of training objectives (config.training.objective).
 OBJECTIVES = {
-    "diffusion": Objective(make_loss_fn, _denoiser_fields, models=("unet",)),
+    "diffusion": Objective(make_loss_fn, _denoiser_fields, models=("unet", "refiner")),
+    "regression": Objective(make_regression_loss_fn, _regression_fields, models=("unet",)),
     "classifier": Objective(make_classifier_loss_fn, _classifier_fields, models=("classifier",)),
 }
 

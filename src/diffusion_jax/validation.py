@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_jax import diffusion, samplers, schedules, training
+from diffusion_jax import degradations, diffusion, samplers, schedules, training
 
 NAN_POLICIES = ("stop", "skip")
 
@@ -133,6 +133,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         )
     _float(config, "sampling.eta", 0.0, 1.0)
     _int(config, "sampling.batch_size", 1)
+    _check_conditioning(config)
     # Model: the model's own checks, with the resolved channels and size.
     from diffusion_jax import models
 
@@ -140,9 +141,6 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         models.create_model(training.model_config(config))
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
-    if config.training.get("objective", "diffusion") == "diffusion":
-        _check_unconditional(config.model)  # a classifier's num_classes is its output
-    _check_conditioning(config)
     # Multi-process settings: checked before joining, so a typo cannot leave peers waiting.
     _str(config, "distributed.coordinator_address")
     _int(config, "distributed.num_processes", 1)
@@ -186,6 +184,12 @@ def _check_objective(config) -> None:
             "model.name",
             name,
             f"one of {', '.join(map(repr, models))} for training.objective={objective!r}",
+        )
+    if objective != "diffusion" and config.training.sample_every:
+        _fail(
+            "training.sample_every",
+            config.training.sample_every,
+            f"0 for training.objective={objective!r}: only a diffusion model draws samples",
         )
     if "t_cutoff" in config.training:
         _int(config, "training.t_cutoff", 0)
@@ -278,16 +282,11 @@ def _check_sampling_schedule(config) -> int | None:
     return args[1]
 
 
-# What conditioning needs that the train step does not feed yet: its batches hold images and
-# labels only.
-_CONDITIONING = {
-    "cond_channels": "image conditioning needs conditioning images",
-}
-
-
 def _check_conditioning(config) -> None:
-    """p_uncond in [0, 1] and guidance >= 0; both only for a class-conditional model. Configs
-    saved before these fields existed have neither (read with .get)."""
+    """p_uncond in [0, 1] and guidance >= 0, both only for a class-conditional model; the
+    degradation a DEGRADATIONS name (or "") that fits the image size, required by the
+    regression objective and the refiner. Configs saved before these fields existed have none
+    of them (read with .get)."""
     num_classes = config.model.get("num_classes", 0)
     p_uncond = config.get("conditioning", {}).get("p_uncond", 0.0)
     if "conditioning" in config and "p_uncond" in config.conditioning:
@@ -308,14 +307,22 @@ def _check_conditioning(config) -> None:
             "0 for an unconditional model (model.num_classes=0): classifier-free guidance "
             "needs a class-conditional model",
         )
-
-
-def _check_unconditional(model) -> None:
-    for field, needs in _CONDITIONING.items():
-        value = model.get(field, 0)
-        if value:
-            _fail(
-                f"model.{field}",
-                value,
-                f"0: {needs}, which the train step does not feed to the model yet",
-            )
+    name = degradations.configured(config)
+    if name:
+        try:
+            degradations.check_config(name, config.conditioning, config.data.image_size)
+        except ValueError as e:
+            field = "conditioning.degradation" if name not in degradations.DEGRADATIONS else ""
+            raise ConfigError(f"config.{field or 'conditioning'}: {e}") from None
+    objective = config.training.get("objective", "diffusion")
+    needs_image = objective == "regression" or config.model.get("name") == "refiner"
+    if needs_image and not name:
+        _fail(
+            "conditioning.degradation",
+            name,
+            f"one of {', '.join(map(repr, degradations.DEGRADATIONS))}: "
+            f"{'the regression objective' if objective == 'regression' else 'a refiner'} "
+            "predicts the image from its conditioning image",
+        )
+    if name and objective == "classifier":
+        _fail("conditioning.degradation", name, "'' for a noisy classifier (it sees x_t alone)")

@@ -190,11 +190,11 @@ def load_workdir(workdir, *, config=None, mesh=None) -> Workdir:
     `config` saves reading config.json again when the caller already has it from load_config.
     """
     config = load_config(workdir) if config is None else config
-    if config.training.get("objective", "diffusion") != "diffusion":
+    if config.training.get("objective", "diffusion") not in ("diffusion", "regression"):
         raise UserError(
             f"workdir {workdir} holds a model trained with training.objective="
-            f"{config.training.objective!r}, not a diffusion model (a noisy classifier guides "
-            "one: see load_classifier)"
+            f"{config.training.objective!r}, not a diffusion or regression model (a noisy "
+            "classifier guides one: see load_classifier)"
         )
     mesh = parallel.make_mesh() if mesh is None else mesh
     model = models.create_model(training.model_config(config))

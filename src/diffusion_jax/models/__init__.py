@@ -4,10 +4,12 @@ import dataclasses
 from collections.abc import Mapping
 
 from diffusion_jax.models.classifier import Classifier
+from diffusion_jax.models.refiner import Refiner
 from diffusion_jax.models.unet import UNet
 
-# The one table of model names (config.model.name): denoisers and noisy classifiers.
-MODELS = {"unet": UNet, "classifier": Classifier}
+# The one table of model names (config.model.name): denoisers (a UNet, or a predict-and-refine
+# Refiner) and noisy classifiers.
+MODELS = {"unet": UNet, "refiner": Refiner, "classifier": Classifier}
 
 
 def create_model(model_config):
@@ -43,4 +45,4 @@ def create_model(model_config):
     return cls(**cfg)
 
 
-__all__ = ["MODELS", "Classifier", "UNet", "create_model"]
+__all__ = ["MODELS", "Classifier", "Refiner", "UNet", "create_model"]
