@@ -20,7 +20,8 @@ VARIANTS = {
         "sampling.schedule.beta_end": None,
         "sampling.steps": 2000,
     },
-    "regression": {"training.objective": "regression", "training.sample_every": 0},
+    # L2 regression converges in fewer steps than the diffusion model: half of its budget.
+    "regression": {"training.objective": "regression", "training.num_train_steps": 1000},
     "timestep": {
         "diffusion.noise_conditioning": "timestep",
         "sampling.schedule.name": "",
@@ -58,7 +59,7 @@ def get_config(arg=None):
             "optim.ema_decay": 0.999,
             "optim.ema_warmup": True,
             "training.batch_size": 32,
-            "training.num_train_steps": 3000,
+            "training.num_train_steps": 2000,
             "training.log_every": 100,
             "training.checkpoint_every": 500,
             "training.sample_every": 0,

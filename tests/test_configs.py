@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_jax import models, workdir
+from diffusion_jax import models, training, workdir
 from diffusion_jax.cli import UserError
 from diffusion_jax.config import base_config, load_config, override
 from diffusion_jax.validation import validate_config
@@ -35,8 +35,9 @@ def all_variants():
 def test_every_config_and_variant_validates(module, arg):
     config = module.get_config(arg)
     validate_config(config)
-    # The documented call: config.model alone builds the model (README, "Using it").
-    model = models.create_model(config.model)
+    # config.model completed with what follows from the data and the diffusion settings (the
+    # output and conditioning channels) builds the model.
+    model = models.create_model(training.model_config(config))
     assert model.image_size == config.data.image_size
     assert model.in_channels == config.data.num_channels
 

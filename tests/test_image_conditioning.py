@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
-from train_harness import tiny_config
+from train_harness import REPO, tiny_config
 
 from diffusion_jax import degradations, generate, models, parallel, sample, training
 from diffusion_jax.cli import UserError
+from diffusion_jax.config import load_config
 from diffusion_jax.data import to_model_range
 from diffusion_jax.models.refiner import Refiner
 
@@ -178,14 +179,14 @@ def _refine_setup():
     return config, model, params
 
 
+@pytest.mark.slow  # compiles the gradient of two UNets: over a minute on 2 cores
 def test_the_refiners_loss_trains_the_predictor_by_l2_alone_and_diffuses_the_residual():
     config, model, params = _refine_setup()
     assert set(params) == {"denoiser", "predictor"}
     images = np.random.default_rng(2).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
     batch, key = {"image": images}, jax.random.key(3)
     loss_fn = training.make_loss_fn(model, training.make_schedule(config), config)
-    grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, key)[0]))(params)
-    _, terms = jax.jit(loss_fn)(params, batch, key)
+    (_, terms), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, key)
     y = training.model_kwargs_from_batch(batch, config, jax.random.fold_in(key, 1))["cond_image"]
     x0 = to_model_range(images)
 
@@ -200,12 +201,14 @@ def test_the_refiners_loss_trains_the_predictor_by_l2_alone_and_diffuses_the_res
         return jnp.mean(jnp.square(g - x0), axis=(1, 2, 3))
 
     np.testing.assert_allclose(terms["predictor_loss"], predictor_loss(params), rtol=1e-4)
-    # The diffusion loss reaches no predictor parameter: its gradient is the L2 loss's alone.
+    # The diffusion loss reaches no predictor parameter: its gradient is the L2 loss's alone, up
+    # to the float32 summation order of two differently fused programs (1e-3 of the largest
+    # gradient entry; a leak of the diffusion loss would move them by their own size).
     l2_grads = jax.jit(jax.grad(lambda p: jnp.mean(predictor_loss(p))))(params)
-    for got, want in zip(
-        jax.tree.leaves(grads["predictor"]), jax.tree.leaves(l2_grads["predictor"]), strict=True
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    wanted = jax.tree.leaves(l2_grads["predictor"])
+    scale = max(float(np.abs(w).max()) for w in wanted)
+    for got, want in zip(jax.tree.leaves(grads["predictor"]), wanted, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * scale)
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["denoiser"]))
 
 
@@ -254,3 +257,26 @@ def test_the_condition_file_is_checked_and_repeated_per_sample(tmp_path):
             sample.load_condition(file, config, num_samples)
     with pytest.raises(UserError, match="not conditioned on images"):
         sample.load_condition(path, tiny_config(), None)
+
+
+def test_the_schedule_flag_picks_the_chains_schedule_and_is_checked():
+    sr3 = load_config(str(REPO / "configs" / "sr3_photos.py"))
+    assert sr3.sampling.schedule.num_timesteps == 100
+    trained = sample.with_schedule(sr3, "train")
+    assert trained.sampling.schedule.name == "" and trained.sampling.steps == 2000
+    other = sample.with_schedule(sr3, "cosine:50")
+    assert other.sampling.schedule.to_dict() == dict(
+        name="cosine", num_timesteps=50, beta_start=None, beta_end=None
+    )
+    assert other.sampling.steps == 50 and sr3.sampling.schedule.num_timesteps == 100
+    assert sample.with_schedule(sr3, "linear:100:1e-4:0.1").sampling.schedule.beta_end == 0.1
+    for text, pattern in [
+        ("linear", "expected 'train', NAME:T"),
+        ("linear:100:0.1", "expected 'train', NAME:T"),
+        ("linear:x", "expected 'train', NAME:T"),
+        ("wavy:100", "sampling.schedule"),
+    ]:
+        with pytest.raises(UserError, match=pattern):
+            sample.with_schedule(sr3, text)
+    with pytest.raises(UserError, match="noise_conditioning"):
+        sample.with_schedule(tiny_config(), "linear:20")

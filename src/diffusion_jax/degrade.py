@@ -1,14 +1,17 @@
 """Write the observations an image-conditioned model samples from: `python -m
 diffusion_jax.degrade --workdir=W (or --config=C.py[:variant]) [--split=test]
---output=OBS.npz --reference=CLEAN.npz [--num_examples=N --seed=S]`.
+--output=OBS.npz --reference=CLEAN.npz [--baseline=INPUT.npz --num_examples=N --seed=S]`.
 
 Reads the split of the model's data (default the held-out "test"), degrades every image with the
 config's conditioning.degradation (degradations.observe_uint8: for SR3's "sr" the uint8 image
 averaged over sr_factor x sr_factor blocks; for "blur" the blurred image) and writes
 OBS.npz (`images` uint8, what `sample --condition` reads) and CLEAN.npz (`images` uint8, the
 ground truth that `evaluate --metric=psnr|ssim --reference` reads), in the split's order, with
-a PNG of each beside them. The observation noise (noise_std > 0) is drawn from --seed. Prints one
-JSON line; bad input is one `error:` line, exit 2.
+a PNG of each beside them. INPUT.npz (optional) holds the conditioning image the network sees,
+as uint8 at full size: for "sr" the bicubic upsampling of the low-res image, for "blur" the
+blurred image itself; scored like samples, it is the input-alone baseline. The observation
+noise (noise_std > 0) is drawn from --seed. Prints one JSON line; bad input is one `error:`
+line, exit 2.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from diffusion_jax import cli, data, degradations, grid
+from diffusion_jax import cli, data, degradations, generate, grid
 from diffusion_jax.config import load_config as load_config_file
+from diffusion_jax.data import to_uint8
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.workdir import load_config as load_workdir_config
 
@@ -44,11 +48,19 @@ def observations(config, split: str, num_examples: int | None = None, seed: int 
     return observed, clean
 
 
-def run(output, reference, *, config, split="test", num_examples=None, seed=0) -> dict:
-    """Write OBS.npz (`output`) and CLEAN.npz (`reference`) with their PNGs; the JSON record."""
+def run(
+    output, reference, *, config, split="test", num_examples=None, seed=0, baseline=None
+) -> dict:
+    """Write OBS.npz (`output`), CLEAN.npz (`reference`) and INPUT.npz (`baseline`, optional)
+    with their PNGs; the JSON record."""
     observed, clean = observations(config, split, num_examples, seed)
     record = dict(degradation=degradations.configured(config), split=split, seed=seed)
-    for path, images in ((Path(output), observed), (Path(reference), clean)):
+    files = [(Path(output), observed), (Path(reference), clean)]
+    if baseline is not None:
+        seen = generate.condition_images(config, observed)
+        files.append((Path(baseline), to_uint8(seen)))
+        record["baseline"] = str(baseline)
+    for path, images in files:
         if path.suffix != ".npz":
             raise cli.UserError(f"{path}: expected a file name ending in .npz")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +75,7 @@ def define_flags() -> None:
     flags.DEFINE_string("split", "test", "The data split to degrade (default the held-out test).")
     flags.DEFINE_string("output", None, "The observations' .npz (what sample --condition reads).")
     flags.DEFINE_string("reference", None, "The clean images' .npz (evaluate --reference).")
+    flags.DEFINE_string("baseline", None, "The conditioning images as uint8 (input alone).")
     flags.DEFINE_integer("num_examples", None, "The first N examples of the split (default all).")
     flags.DEFINE_integer("seed", 0, "Seed of the observation noise (noise_std > 0).")
 
@@ -89,6 +102,7 @@ def main(argv) -> None:
             split=f.split,
             num_examples=f.num_examples,
             seed=f.seed,
+            baseline=f.baseline,
         )
     print(json.dumps(record))
 

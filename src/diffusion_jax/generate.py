@@ -96,16 +96,18 @@ def preview_conditions(config, source, num_samples: int) -> np.ndarray | None:
 
 
 def make_predictor(model, config, mesh):
-    """sample(params, key, num_samples, *, conditions, batch_size) -> uint8 (N, H, W, C): a
-    regression model's predictions (models.refiner.predict) of its conditioning images, in the
-    sampler's signature so the sample CLI serves both; key and the sampler options are unused
-    (the prediction is deterministic)."""
+    """sample(params, key, num_samples, *, conditions, batch_size) -> uint8 (N, H, W, C): the
+    deterministic prediction of each conditioning image, by a regression model
+    (models.refiner.predict) or by a Refiner's predictor g alone; in the sampler's signature so
+    that the sample CLI serves both; key and the sampler options are unused."""
 
     def predictions(params, cond):
         def net(x, t, train):
             return model.apply({"params": params}, x, t, train=train)
 
         cond = jax.lax.with_sharding_constraint(cond, parallel.batch_sharding(mesh))
+        if isinstance(model, Refiner):
+            return model.apply({"params": params}, cond, method=Refiner.predict_clean)
         return refiner.predict(net, cond)
 
     compiled = jax.jit(predictions)
@@ -128,9 +130,21 @@ def make_predictor(model, config, mesh):
     return sample
 
 
-def make_sampler(model, schedule, config, mesh, *, progress: bool = False, classifier=None):
+def make_sampler(
+    model,
+    schedule,
+    config,
+    mesh,
+    *,
+    progress: bool = False,
+    classifier=None,
+    predictor_only: bool = False,
+):
     """sample(params, key, num_samples, *, batch_size, sampler, steps, eta, labels, guidance,
-    classifier_scale) -> uint8 (N, H, W, C).
+    classifier_scale, conditions) -> uint8 (N, H, W, C).
+
+    A regression model, or a Refiner with predictor_only, gives its predictions instead
+    (`make_predictor`).
 
     The chain runs on schedules.sampling_schedule(config, schedule): config.sampling.schedule
     when it names one, else `schedule` (the training schedule). Defaults come from
@@ -148,7 +162,9 @@ def make_sampler(model, schedule, config, mesh, *, progress: bool = False, class
     default), by the mean shift (DDPM) or the eps form (DDIM, DPM-Solver++) of
     samplers.GUIDANCE_FORMS.
     """
-    if config.training.get("objective", "diffusion") == "regression":
+    if predictor_only and not isinstance(model, Refiner):
+        raise ValueError("predictor_only is for a predict-and-refine model (model.name refiner)")
+    if predictor_only or config.training.get("objective", "diffusion") == "regression":
         return make_predictor(model, config, mesh)
     d, sc = config.diffusion, config.sampling
     schedule = schedules.sampling_schedule(config, schedule)

@@ -15,7 +15,12 @@ each as degradations.DEGRADATIONS[name].condition makes it. --num_samples defaul
 be k * N: k samples per observation, sample i * k + j being the j-th of observation i; F.npz
 also holds `reference_index` int32 (the observation of each sample, read by evaluate's psnr and
 ssim). A regression workdir (training.objective "regression") answers the same command with its
-deterministic predictions.
+deterministic predictions, and so does a predict-and-refine workdir's predictor with
+`--predictor_only`.
+
+`--schedule=train` (the training schedule) or `--schedule=NAME:T[:BETA_START:BETA_END]` runs
+the chain on another schedule than config.sampling.schedule: a model conditioned on the
+continuous level sqrt(alpha_bar) (SR3) samples on any schedule within its trained levels.
 
 Uses the EMA parameters of the newest readable checkpoint; NAME is a key of samplers.SAMPLERS;
 sampler, steps, eta and batch size default to the workdir's config.sampling. Writes F.npz
@@ -37,6 +42,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from ml_collections import config_dict
 
 from diffusion_jax import (
     __version__,
@@ -50,6 +56,7 @@ from diffusion_jax import (
 )
 from diffusion_jax.metrics.cache import save_tree
 from diffusion_jax.samplers import SAMPLERS
+from diffusion_jax.validation import ConfigError, validate_config
 from diffusion_jax.workdir import (
     Workdir,
     check_classifier,
@@ -137,14 +144,22 @@ def sample_workdir(
     labels=None,
     classifier=None,
     conditions=None,
+    predictor_only=False,
 ):
     """uint8 images (num_samples, H, W, C) from the workdir's EMA params, sharded over `mesh`;
     labels: one class per sample of a class-conditional or classifier-guided model (None:
     cycled); classifier: workdir.load_classifier's (apply_fn, params, config); conditions: one
-    conditioning image per sample of an image-conditioned model (`load_condition`)."""
+    conditioning image per sample of an image-conditioned model (`load_condition`);
+    predictor_only: a refiner's predictor alone (generate.make_predictor)."""
     mesh = parallel.make_mesh() if mesh is None else mesh
     sample = generate.make_sampler(
-        wd.model, wd.schedule, wd.config, mesh, progress=True, classifier=classifier
+        wd.model,
+        wd.schedule,
+        wd.config,
+        mesh,
+        progress=True,
+        classifier=classifier,
+        predictor_only=predictor_only,
     )
     key = jax.random.key(seed)
     return sample(wd.params, key, num_samples, labels=labels, conditions=conditions, **options)
@@ -222,6 +237,38 @@ def load_condition(path, config, num_samples: int | None) -> tuple[np.ndarray, n
     return generate.condition_images(config, images)[index], index
 
 
+def with_schedule(config, text: str | None):
+    """config with `--schedule=text` as its sampling.schedule: "train" (the training schedule) or
+    "NAME:T" / "NAME:T:BETA_START:BETA_END" (a schedules.SCHEDULES name); the steps follow
+    (all T of it unless --steps says fewer). Checked like a config (a timestep-conditioned
+    model takes only "train"; the levels must lie in the trained range). None: unchanged."""
+    if text is None:
+        return config
+    config = config_dict.ConfigDict(config.to_dict())
+    spec = config.sampling.schedule
+    if text == "train":
+        spec.update(name="", num_timesteps=0, beta_start=None, beta_end=None)
+        config.sampling.steps = config.diffusion.num_timesteps
+    else:
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 4):
+                raise ValueError
+            betas = [float(b) for b in parts[2:]] or [None, None]
+            spec.update(name=parts[0], num_timesteps=int(parts[1]))
+            spec.beta_start, spec.beta_end = betas
+        except ValueError:
+            raise cli.UserError(
+                f"--schedule={text}: expected 'train', NAME:T or NAME:T:BETA_START:BETA_END"
+            ) from None
+        config.sampling.steps = spec.num_timesteps
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        raise cli.UserError(f"--schedule={text}: {e}") from None
+    return config
+
+
 def run(
     workdir,
     num_samples: int | None,
@@ -232,13 +279,17 @@ def run(
     classifier_workdir=None,
     classifier_scale=None,
     condition=None,
+    schedule=None,
+    predictor_only=False,
     **options,
 ) -> dict:
     """Sample `workdir` into the .npz `output` and a grid beside it; returns the JSON record.
     labels: the `--labels` text (None: classes cycled, for a class-conditional or
     classifier-guided model); classifier_workdir: a noisy classifier's workdir that guides the
     chain at classifier_scale (default 1); condition: the `--condition` .npz of observations
-    (image-conditioned and regression workdirs; num_samples None: one sample each)."""
+    (image-conditioned and regression workdirs; num_samples None: one sample each); schedule:
+    the `--schedule` text (`with_schedule`); predictor_only: `--predictor_only`, a refiner's
+    predictor g(y) alone."""
     start = time.time()
     if num_samples is not None and num_samples < 1:
         raise cli.UserError(f"--num_samples={num_samples}: expected a positive integer")
@@ -247,7 +298,7 @@ def run(
             f"--classifier_scale={classifier_scale}: give the classifier's --classifier_workdir"
         )
     output = Path(output)
-    config = load_config(workdir)
+    config = with_schedule(load_config(workdir), schedule)
     conditions = reference_index = None
     if condition is not None:
         conditions, reference_index = load_condition(condition, config, num_samples)
@@ -259,6 +310,10 @@ def run(
         )
     elif num_samples is None:
         raise cli.UserError("--num_samples is required (without --condition)")
+    if predictor_only and config.model.get("name") != "refiner":
+        raise cli.UserError(
+            "--predictor_only: this workdir's model is not a predict-and-refine refiner"
+        )
     options = sampler_options(config, **options)
     classifier_config = None
     if classifier_workdir is not None:
@@ -281,8 +336,13 @@ def run(
         labels=label_array,
         classifier=classifier,
         conditions=conditions,
+        predictor_only=predictor_only,
     )
     made = provenance(workdir, wd.step, num_samples, seed, options)
+    if schedule is not None:
+        made["schedule"] = schedule
+    if predictor_only:
+        made["predictor_only"] = True
     if classifier_workdir is not None:
         made["classifier_workdir"] = str(Path(classifier_workdir).resolve())
     if labels is not None:
@@ -366,6 +426,18 @@ def define_flags() -> None:
         "Image-conditioned models: an .npz whose `images` uint8 (N, h, w, C) are the "
         "observations to condition on (SR3's low-res images, blurred images).",
     )
+    flags.DEFINE_string(
+        "schedule",
+        None,
+        "The schedule the chain runs on: 'train' or NAME:T[:BETA_START:BETA_END] (default: "
+        "config.sampling.schedule); another than the training one needs a model conditioned on "
+        "sqrt_alpha_bar.",
+    )
+    flags.DEFINE_bool(
+        "predictor_only",
+        False,
+        "Predict-and-refine models: write the predictor's output g(y) alone, no diffusion.",
+    )
     define_sampler_flags()
 
 
@@ -391,6 +463,8 @@ def main(argv) -> None:
             classifier_workdir=f.classifier_workdir,
             classifier_scale=f.classifier_scale,
             condition=f.condition,
+            schedule=f.schedule,
+            predictor_only=f.predictor_only,
         )
     print(json.dumps(record))
 

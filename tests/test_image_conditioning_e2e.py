@@ -1,0 +1,140 @@
+"""Image-conditioned workdirs through the CLIs as a user runs them: train (SR3-style "sr" on the
+8x8 digits, its regression baseline, a predict-and-refine deblurrer), write observations with
+the degrade CLI, sample them with `--condition` (several samples per observation) and score
+the samples with evaluate's psnr; bad condition files fail as one error line before compiling."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from train_harness import tiny_config
+
+from diffusion_jax import train
+
+# Each test trains or samples through the CLIs: the slow stage.
+pytestmark = pytest.mark.slow
+
+KINDS = {
+    "sr": {"conditioning.degradation": "sr", "diffusion.noise_conditioning": "sqrt_alpha_bar"},
+    "regression": {"conditioning.degradation": "sr", "training.objective": "regression"},
+    "refine": {
+        "conditioning.degradation": "blur",
+        "conditioning.blur_sigma": 1.0,
+        "model.name": "refiner",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image_conditioning")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    paths = {}
+    try:
+        for kind, overrides in KINDS.items():
+            config = tiny_config({**overrides, "training.num_train_steps": 4})
+            if kind == "refine":
+                config.model.update(predictor_ch=16, predictor_ch_mult=(1,))
+            paths[kind] = root / kind
+            train.train(config, paths[kind])
+    finally:  # train installs SIGINT/SIGTERM handlers for its loop; give pytest its own back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return paths
+
+
+def run_cli(module, *args):
+    return subprocess.run(
+        [sys.executable, "-m", f"diffusion_jax.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+    )
+
+
+def _record(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind, observed", [("sr", 4), ("regression", 4), ("refine", 8)])
+def test_degrade_sample_and_score_with_the_clis(workdirs, tmp_path, kind, observed):
+    workdir = workdirs[kind]
+    obs, clean = tmp_path / "obs.npz", tmp_path / "clean.npz"
+    made = _record(
+        run_cli(
+            "degrade",
+            f"--workdir={workdir}",
+            f"--output={obs}",
+            f"--reference={clean}",
+            "--num_examples=5",
+        )
+    )
+    assert made["num_examples"] == 5 and (tmp_path / "obs.png").is_file()
+    with np.load(obs) as f:
+        assert f["images"].shape == (5, observed, observed, 1) and f["images"].dtype == np.uint8
+    out = tmp_path / "out.npz"
+    record = _record(
+        run_cli(
+            "sample",
+            f"--workdir={workdir}",
+            f"--condition={obs}",
+            f"--output={out}",
+            "--num_samples=10",
+            "--steps=3",
+        )
+    )
+    assert record["condition"] == str(obs.resolve())
+    with np.load(out) as f:
+        assert f["images"].shape == (10, 8, 8, 1)
+        np.testing.assert_array_equal(f["reference_index"], np.repeat(np.arange(5), 2))
+        samples = f["images"]
+    if kind == "regression":  # deterministic: both samples of an observation are the same
+        np.testing.assert_array_equal(samples[0::2], samples[1::2])
+    if kind == "refine":  # the predictor alone: deterministic, and not the refined samples
+        alone = tmp_path / "alone.npz"
+        _record(
+            run_cli(
+                "sample",
+                f"--workdir={workdir}",
+                f"--condition={obs}",
+                f"--output={alone}",
+                "--num_samples=10",
+                "--predictor_only",
+            )
+        )
+        with np.load(alone) as f:
+            np.testing.assert_array_equal(f["images"][0::2], f["images"][1::2])
+            assert not np.array_equal(f["images"], samples)
+    scored = _record(
+        run_cli("evaluate", "--metric=psnr", f"--samples={out}", f"--reference={clean}")
+    )
+    assert scored["samples_per_reference"] == 2 and np.isfinite(scored["value"])
+    assert scored["mean_of_k"] is not None
+
+
+def test_bad_condition_input_is_one_error_line(workdirs, tmp_path):
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((3, 8, 8, 1), np.uint8))  # high-res, not low-res
+    out = tmp_path / "out.npz"
+    cases = [
+        (
+            ("sample", f"--workdir={workdirs['sr']}", f"--condition={wrong}", f"--output={out}"),
+            "(N, 4, 4, 1)",
+        ),
+        (
+            ("sample", f"--workdir={workdirs['sr']}", f"--output={out}", "--num_samples=4"),
+            "give --condition",
+        ),
+    ]
+    for args, needle in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and needle in lines[-1], lines[-1]
+        assert not out.exists()
