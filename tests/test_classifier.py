@@ -299,7 +299,9 @@ def test_load_classifier_returns_the_ema_classifier_and_refuses_another_image_si
 
 def test_a_classifier_workdir_is_not_loaded_as_a_diffusion_model(tmp_path):
     workdir_lib.write_config(tmp_path, load_config("configs/classifier_digits.py"))
-    with pytest.raises(UserError, match="training.objective='classifier', not a diffusion or regression model"):
+    with pytest.raises(
+        UserError, match="training.objective='classifier', not a diffusion or regression model"
+    ):
         workdir_lib.load_workdir(tmp_path)
 
 
