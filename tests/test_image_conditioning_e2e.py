@@ -132,6 +132,10 @@ def test_bad_condition_input_is_one_error_line(workdirs, tmp_path):
             "give --condition",
         ),
     ]
+    cases += [
+        (("evaluate", f"--workdir={workdirs['refine']}", "--metric=nll"), "bits/dim is the bound"),
+        (("evaluate", f"--workdir={workdirs['sr']}", "--metric=fid"), "sample --condition"),
+    ]
     for args, needle in cases:
         result = run_cli(*args)
         assert result.returncode == 2, result.stderr[-2000:]

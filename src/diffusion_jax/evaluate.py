@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 from diffusion_jax import (
     cli,
     data,
+    degradations,
     diffusion,
     generate,
     hostmem,
@@ -123,6 +124,10 @@ def _example_batches(source, num_examples: int, batch_size: int):
         }
 
 
+def _objective(config) -> str:
+    return config.training.get("objective", "diffusion")
+
+
 # --- nll -------------------------------------------------------------------------------
 
 
@@ -161,6 +166,12 @@ def evaluate_nll(
     examples of `split`; written to W/eval/nll_<split>.json."""
     start = time.time()
     config = load_config(workdir)
+    if _objective(config) != "diffusion" or config.model.get("name") == "refiner":
+        raise cli.UserError(
+            f"--metric=nll: workdir {workdir} holds a {config.model.name!r} model trained with "
+            f"training.objective={_objective(config)!r}; bits/dim is the bound of a diffusion "
+            "model of the image itself (score restorations with --metric=psnr or ssim)"
+        )
     source = _source(config, split)
     n = len(source) if num_samples is None else min(num_samples, len(source))
     if n < 1:
@@ -356,6 +367,11 @@ def evaluate_samples(
         check_images(images, config, str(samples))
         n = len(images)
     else:
+        if degradations.configured(config) or _objective(config) != "diffusion":
+            raise cli.UserError(
+                f"workdir {workdir} samples from conditioning images: write samples with "
+                "`sample --condition=OBS.npz` and pass them as --samples"
+            )
         n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
         options = sampler_options(config, **sampler_flags)
     network = feature_network(config, metric)
