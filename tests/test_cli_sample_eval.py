@@ -6,16 +6,16 @@ functions behind the flags, since JAX start-up costs seconds per process."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from train_harness import run_module, train_in_process
 
 import diffusion_jax
-from diffusion_jax import checkpointing, data, sample, train
+from diffusion_jax import checkpointing, data, sample
 from diffusion_jax.cli import UserError
 from diffusion_jax.config import load_config
 from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
@@ -40,23 +40,12 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train.train(tiny_config(), path)
-    finally:  # train installs SIGINT/SIGTERM handlers for its loop; give pytest its own back
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    train_in_process(tiny_config(), path)
     return path
 
 
 def run_cli(module, *args):
-    return subprocess.run(
-        [sys.executable, "-m", f"diffusion_jax.{module}", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ,
-    )
+    return run_module(module, *args, timeout=120)
 
 
 def load_images(path):

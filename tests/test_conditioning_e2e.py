@@ -3,16 +3,22 @@ guidance, evaluate class accuracy and bits/dim; bad input as one error line befo
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from train_harness import assert_states_equal, checkpoint_steps, load_state, losses, tiny_config
+from train_harness import (
+    assert_states_equal,
+    checkpoint_steps,
+    load_state,
+    losses,
+    tiny_config,
+    train_in_process,
+)
 
-from diffusion_jax import metrics, sample, train
+from diffusion_jax import metrics, sample
 from diffusion_jax.cli import UserError
 from diffusion_jax.data.digits import load_digits
 from diffusion_jax.evaluate import evaluate_class_accuracy, evaluate_nll
@@ -29,21 +35,12 @@ CONDITIONAL = {
 pytestmark = pytest.mark.slow
 
 
-def _train(config, workdir):
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        train.train(config, workdir)
-    finally:  # train installs SIGINT/SIGTERM handlers for its loop; give pytest its own back
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """8 steps in one run, with a preview grid of 20 samples (2 per class) at step 8."""
     path = tmp_path_factory.mktemp("cond") / "run"
     preview = {"training.sample_every": 8, "training.num_preview_samples": 20}
-    _train(tiny_config({**CONDITIONAL, **preview}), path)
+    train_in_process(tiny_config({**CONDITIONAL, **preview}), path)
     return path
 
 
@@ -61,8 +58,8 @@ def _count_compiles():
 def test_conditional_run_resumes_exactly_and_previews_a_row_per_class(tmp_path, workdir):
     assert (workdir / "samples" / "step_000008.png").is_file()
     resumed = tmp_path / "resumed"
-    _train(tiny_config({**CONDITIONAL, "training.num_train_steps": 5}), resumed)
-    _train(tiny_config(CONDITIONAL), resumed)
+    train_in_process(tiny_config({**CONDITIONAL, "training.num_train_steps": 5}), resumed)
+    train_in_process(tiny_config(CONDITIONAL), resumed)
     assert checkpoint_steps(resumed) == [5, 8]
     state = load_state(resumed)
     assert int(state["step"]) == 8

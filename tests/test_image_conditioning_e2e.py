@@ -4,16 +4,10 @@ the degrade CLI, sample them with `--condition` (several samples per observation
 the samples with evaluate's psnr; bad condition files fail as one error line before compiling."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from train_harness import tiny_config
-
-from diffusion_jax import train
+from train_harness import run_module, tiny_config, train_in_process
 
 # Each test trains or samples through the CLIs: the slow stage.
 pytestmark = pytest.mark.slow
@@ -32,29 +26,14 @@ KINDS = {
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_conditioning")
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     paths = {}
-    try:
-        for kind, overrides in KINDS.items():
-            config = tiny_config({**overrides, "training.num_train_steps": 4})
-            if kind == "refine":
-                config.model.update(predictor_ch=16, predictor_ch_mult=(1,))
-            paths[kind] = root / kind
-            train.train(config, paths[kind])
-    finally:  # train installs SIGINT/SIGTERM handlers for its loop; give pytest its own back
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    for kind, overrides in KINDS.items():
+        config = tiny_config({**overrides, "training.num_train_steps": 4})
+        if kind == "refine":
+            config.model.update(predictor_ch=16, predictor_ch_mult=(1,))
+        paths[kind] = root / kind
+        train_in_process(config, paths[kind])
     return paths
-
-
-def run_cli(module, *args):
-    return subprocess.run(
-        [sys.executable, "-m", f"diffusion_jax.{module}", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=os.environ,
-    )
 
 
 def _record(result):
@@ -67,7 +46,7 @@ def test_degrade_sample_and_score_with_the_clis(workdirs, tmp_path, kind, observ
     workdir = workdirs[kind]
     obs, clean = tmp_path / "obs.npz", tmp_path / "clean.npz"
     made = _record(
-        run_cli(
+        run_module(
             "degrade",
             f"--workdir={workdir}",
             f"--output={obs}",
@@ -80,7 +59,7 @@ def test_degrade_sample_and_score_with_the_clis(workdirs, tmp_path, kind, observ
         assert f["images"].shape == (5, observed, observed, 1) and f["images"].dtype == np.uint8
     out = tmp_path / "out.npz"
     record = _record(
-        run_cli(
+        run_module(
             "sample",
             f"--workdir={workdir}",
             f"--condition={obs}",
@@ -99,7 +78,7 @@ def test_degrade_sample_and_score_with_the_clis(workdirs, tmp_path, kind, observ
     if kind == "refine":  # the predictor alone: deterministic, and not the refined samples
         alone = tmp_path / "alone.npz"
         _record(
-            run_cli(
+            run_module(
                 "sample",
                 f"--workdir={workdir}",
                 f"--condition={obs}",
@@ -112,7 +91,7 @@ def test_degrade_sample_and_score_with_the_clis(workdirs, tmp_path, kind, observ
             np.testing.assert_array_equal(f["images"][0::2], f["images"][1::2])
             assert not np.array_equal(f["images"], samples)
     scored = _record(
-        run_cli("evaluate", "--metric=psnr", f"--samples={out}", f"--reference={clean}")
+        run_module("evaluate", "--metric=psnr", f"--samples={out}", f"--reference={clean}")
     )
     assert scored["samples_per_reference"] == 2 and np.isfinite(scored["value"])
     assert scored["mean_of_k"] is not None
@@ -137,7 +116,7 @@ def test_bad_condition_input_is_one_error_line(workdirs, tmp_path):
         (("evaluate", f"--workdir={workdirs['sr']}", "--metric=fid"), "sample --condition"),
     ]
     for args, needle in cases:
-        result = run_cli(*args)
+        result = run_module(*args)
         assert result.returncode == 2, result.stderr[-2000:]
         lines = result.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and needle in lines[-1], lines[-1]

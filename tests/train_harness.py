@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,3 +215,27 @@ def assert_states_equal(actual: dict, expected: dict) -> None:
         if flat_a[k].dtype != flat_e[k].dtype or not np.array_equal(flat_a[k], flat_e[k])
     ]
     assert not differ, f"{len(differ)} of {len(flat_e)} leaves differ, e.g. {differ[:3]}"
+
+
+def train_in_process(config, workdir) -> None:
+    """train.train(config, workdir), then pytest's own SIGINT/SIGTERM handlers back (train
+    installs its stop-request handlers for the loop)."""
+    from diffusion_jax import train
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.train(config, workdir)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def run_module(module, *args, timeout: float = 300):
+    """`python -m diffusion_jax.<module> args...` as a user runs it; CompletedProcess, text."""
+    return subprocess.run(
+        [sys.executable, "-m", f"diffusion_jax.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ,
+    )
