@@ -32,6 +32,7 @@ def get_config(arg=None):
             "model.num_res_blocks": 1,
             "model.attn_resolutions": (8,),
             "model.dropout": 0.0,
+            "diffusion.parameterization": "v",  # as in sr3_photos.py
             "conditioning.degradation": "blur",
             "conditioning.blur_sigma": 1.5,
             "optim.lr": 1e-3,
