@@ -41,7 +41,7 @@ def get_config(arg=None):
             "optim.ema_decay": 0.999,
             "optim.ema_warmup": True,
             "training.batch_size": 32,
-            "training.num_train_steps": 1500,
+            "training.num_train_steps": 1000,
             "training.log_every": 100,
             "training.checkpoint_every": 500,
             "training.sample_every": 0,

@@ -2,15 +2,17 @@
 tables and pictures of docs/results.md.
 
     python experiments/restoration.py --sr3=W --regression=W --deblur=W [--out=DIR]
-        [--samples=8] [--train_schedule_samples=1] [--num_examples=N]
+        [--samples=8] [--every=3] [--num_examples=N]
 
 The workdirs come from `python -m diffusion_jax.train --config=configs/sr3_photos.py`,
 `configs/sr3_photos.py:regression` and `configs/deblur_photos.py`. Every step is a call of a
 CLI's own function (degrade.run, sample.run, evaluate.evaluate_image_quality), so each number
 can be reproduced with the CLIs. For each method: PSNR and SSIM (dB, [0, 1]) of single samples
 and of the mean of the samples drawn for each patch, and the sampling time (seconds, with
-compilation; the sample CLI's own count). Writes DIR/restoration.csv, DIR/restoration.md and
-DIR/sr3.png, DIR/deblur.png (rows of patches; columns as the table's methods, the truth last).
+compilation; the sample CLI's own count). The 2000-step training schedule costs 20x the
+100-step one, so it draws one sample for every --every-th patch only, scored with bicubic on
+the same patches beside it. Writes DIR/restoration.csv, DIR/restoration.md and DIR/sr3.png,
+DIR/deblur.png (rows of patches; columns as the table's methods, the truth last).
 """
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ from diffusion_jax import degrade, sample
 from diffusion_jax.evaluate import evaluate_image_quality
 from diffusion_jax.workdir import load_config
 
-COLUMNS = ("task", "method", "samples per patch", "PSNR", "PSNR mean", "SSIM", "SSIM mean", "s")
+COLUMNS = (
+    "task",
+    "method",
+    "patches",
+    "samples per patch",
+    "PSNR",
+    "PSNR mean",
+    "SSIM",
+    "SSIM mean",
+    "s",
+)
 
 
 def score(task, method, path, reference, seconds=None) -> dict:
@@ -36,6 +48,7 @@ def score(task, method, path, reference, seconds=None) -> dict:
     for metric in ("psnr", "ssim"):
         record = evaluate_image_quality(metric, samples=path, reference=reference)
         row["samples per patch"] = record["samples_per_reference"]
+        row["patches"] = record["num_references"]
         row[metric.upper()] = f"{record['value']:.3f}"
         mean = record["mean_of_k"]
         row[f"{metric.upper()} mean"] = "" if mean is None else f"{mean['value']:.3f}"
@@ -51,20 +64,19 @@ def draw(task, workdir, observations, num, out, **kwargs) -> tuple[Path, float]:
     return path, record["seconds"]
 
 
-def picture(columns: list[Path], path: Path, rows: int = 8, scale: int = 2) -> None:
-    """A grid of the first `rows` patches: one column per file (the first image of each patch;
-    smaller images, the observations, enlarged by pixel repetition), `scale`x enlarged."""
+def picture(columns: list[tuple[Path, list[int]]], path: Path, scale: int = 2) -> None:
+    """A grid with one column per (file, patches): the first image of each listed patch (the
+    file's reference_index, else its rows); smaller images, the observations, enlarged by pixel
+    repetition; everything `scale`x enlarged."""
     cells = []
-    for file in columns:
+    for file, patches in columns:
         with np.load(file) as f:
             images = f["images"]
             index = f["reference_index"] if "reference_index" in f.files else np.arange(len(images))
-        first = [int(np.flatnonzero(index == i)[0]) for i in range(rows)]
-        images = images[first]
+        images = images[[int(np.flatnonzero(index == p)[0]) for p in patches]]
         factor = 32 // images.shape[1]
         cells.append(images.repeat(factor * scale, 1).repeat(factor * scale, 2))
-    gap = 2
-    size = 32 * scale
+    gap, size, rows = 2, 32 * scale, len(columns[0][1])
     canvas = np.full((rows * (size + gap), len(cells) * (size + gap), 3), 255, np.uint8)
     for c, column in enumerate(cells):
         for r in range(rows):
@@ -80,7 +92,7 @@ def main() -> None:
     parser.add_argument("--deblur", required=True)
     parser.add_argument("--out", default="experiments/results/restoration")
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--train_schedule_samples", type=int, default=1)
+    parser.add_argument("--every", type=int, default=3)
     parser.add_argument("--num_examples", type=int, default=None)
     args = parser.parse_args()
     out = Path(args.out)
@@ -98,11 +110,20 @@ def main() -> None:
     rows.append(score("sr", "regression UNet", path, hr, seconds))
     fast, seconds = draw("sr3_100", args.sr3, lr, args.samples, out)
     rows.append(score("sr", "SR3, 100-step schedule", fast, hr, seconds))
-    trained, seconds = draw(
-        "sr3_2000", args.sr3, lr, args.train_schedule_samples, out, schedule="train"
-    )
-    rows.append(score("sr", "SR3, 2000-step training schedule", trained, hr, seconds))
-    picture([lr, bicubic, out / "regression.npz", fast, trained, hr], out / "sr3.png")
+    few = {name: out / f"{name}_few.npz" for name in ("lr", "hr", "bicubic")}
+    for name, path in few.items():
+        with np.load(out / f"{name}.npz") as f:
+            np.savez(path, images=f["images"][:: args.every])
+    lr_few, hr_few, bicubic_few = few["lr"], few["hr"], few["bicubic"]
+    rows.append(score("sr", "bicubic", bicubic_few, hr_few))
+    trained, seconds = draw("sr3_2000", args.sr3, lr_few, 1, out, schedule="train")
+    rows.append(score("sr", "SR3, 2000-step training schedule", trained, hr_few, seconds))
+    n = len(np.load(hr)["images"])
+    shown = list(range(0, n, max(1, n // 8)))[:8]  # patches spread over the test strip
+    few_shown = [p // args.every for p in shown if p % args.every == 0]
+    shown = [p * args.every for p in few_shown]
+    full = [lr, bicubic, out / "regression.npz", fast]
+    picture([(f, shown) for f in full] + [(trained, few_shown), (hr, shown)], out / "sr3.png")
 
     # Deblurring: the blurred patch, the predictor alone, predict-and-refine.
     blurred, sharp = out / "blurred.npz", out / "sharp.npz"
@@ -112,7 +133,8 @@ def main() -> None:
     rows.append(score("deblur", "predictor g(y) alone", alone, sharp, seconds))
     refined, seconds = draw("refined", args.deblur, blurred, args.samples, out)
     rows.append(score("deblur", "predict-and-refine", refined, sharp, seconds))
-    picture([blurred, alone, refined, sharp], out / "deblur.png")
+    shown = list(range(0, n, max(1, n // 8)))[:8]
+    picture([(f, shown) for f in (blurred, alone, refined, sharp)], out / "deblur.png")
 
     with open(out / "restoration.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
