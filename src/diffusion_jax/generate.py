@@ -164,7 +164,7 @@ def make_sampler(
     """
     if predictor_only and not isinstance(model, Refiner):
         raise ValueError("predictor_only is for a predict-and-refine model (model.name refiner)")
-    if predictor_only or config.training.get("objective", "diffusion") == "regression":
+    if predictor_only or config.get("training", {}).get("objective", "diffusion") == "regression":
         return make_predictor(model, config, mesh)
     d, sc = config.diffusion, config.sampling
     schedule = schedules.sampling_schedule(config, schedule)
