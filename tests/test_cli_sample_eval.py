@@ -15,7 +15,7 @@ import pytest
 from train_harness import run_module, train_in_process
 
 import diffusion_jax
-from diffusion_jax import checkpointing, data, sample
+from diffusion_jax import checkpointing, data, evaluate, metrics, sample
 from diffusion_jax.cli import UserError
 from diffusion_jax.config import load_config
 from diffusion_jax.evaluate import evaluate_nll, evaluate_samples
@@ -178,6 +178,41 @@ def test_evaluate_fid_and_is_on_digits(workdir, cache_dir, cli_samples):
     assert [json.loads(line)["name"] for line in results[-2:]] == [want, score["name"]]
 
 
+def test_digits_yardstick_scores_the_real_digits_as_their_own_floor(workdir, cache_dir, tmp_path):
+    """fd against all 1,797 digits: the digits themselves score 0; one random half scores the
+    FD to the whole, below the half-vs-half floor, which is recomputed here from the features;
+    the is record's data_is is the IS of the real digits."""
+    real = np.stack([e["image"] for e in data.create_source(tiny_config().data, "all")])
+    assert len(real) == 1797
+    np.savez(tmp_path / "real.npz", images=real)
+    record = evaluate_samples(workdir, "fd", samples=tmp_path / "real.npz")
+    assert record["name"].startswith("fd@1797 samples vs digits all (1797 refs)")
+    assert abs(record["value"]) < 1e-6 and record["ratio_to_floor"] < 1e-6
+    network = evaluate.feature_network(tiny_config(), "fd")
+    features = network.features(real)
+    floors = []
+    for seed in range(evaluate.FLOOR_PARTITIONS):  # the halvings the docstring describes
+        order = np.random.default_rng(seed).permutation(len(real))
+        a, b = features[order[:899]], features[order[899:]]
+        floors.append(
+            metrics.frechet_distance(
+                a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+            )
+        )
+    assert record["floor"] == pytest.approx(np.mean(floors), rel=1e-6)
+    assert record["floor_std"] == pytest.approx(np.std(floors), rel=1e-6)
+
+    np.savez(tmp_path / "half.npz", images=real[::2])
+    half = evaluate_samples(workdir, "fd", samples=tmp_path / "half.npz")
+    assert 0 < half["value"] < half["floor"]
+    assert half["ratio_to_floor"] == pytest.approx(half["value"] / half["floor"])
+
+    score = evaluate_samples(workdir, "is", samples=tmp_path / "real.npz")
+    want, _ = metrics.inception_score(network.logits(real), evaluate.IS_SPLITS, from_logits=True)
+    assert score["data_is"] == pytest.approx(want) and score["value"] == pytest.approx(want)
+    assert score["ratio_to_data"] == pytest.approx(1.0)
+
+
 def test_evaluate_errors(workdir, cache_dir, tmp_path):
     with pytest.raises(UserError, match="FID needs more samples than feature dimensions"):
         evaluate_samples(workdir, "fid", num_samples=64)
@@ -199,7 +234,7 @@ def test_evaluate_errors(workdir, cache_dir, tmp_path):
     proc = run_cli("evaluate", f"--workdir={workdir}", "--metric=bpd")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "error: --metric='bpd': expected one of nll, fid, is, psnr, ssim, class_accuracy"
+        "error: --metric='bpd': expected one of nll, fid, fd, is, psnr, ssim, class_accuracy"
     )
 
 

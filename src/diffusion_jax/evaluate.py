@@ -1,5 +1,5 @@
 """Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W
---metric=nll|fid|is|class_accuracy`, or samples against their references:
+--metric=nll|fid|fd|is|class_accuracy`, or samples against their references:
 `--metric=psnr|ssim --samples=OUT.npz --reference=HR.npz`.
 
 nll: the variational bound (eq. 5 of Ho et al. 2020: the prior term L_T, all T terms L_{T-1}..L_1
@@ -14,6 +14,13 @@ classifier for the embedded 8x8 digits, else the FID InceptionV3; reference stat
 dataset's train split are computed once and cached as .npz in the cache dir
 ($DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax). The Inception weights have no classifier
 head, so the Inception Score exists for the digits only. Prints one JSON line.
+
+fd (the digits only): the Frechet distance in the digits classifier's features against all
+1,797 digits (the `all` split), printed with the data's own floor beside it: the mean (and std)
+of the FD between the two random halves of the real digits over FLOOR_PARTITIONS seeded
+partitions, and value / floor. The is record of the digits carries the real digits' own class
+IS (`data_is`, over all 1,797) and value / data_is. Both are what a new user compares samples
+with; fid against the train split stays as before, for the published tables.
 
 psnr / ssim: of each image of --samples=OUT.npz against its reference in --reference=HR.npz
 (both uint8 (N, H, W, C) `images`, data range 255; `metrics.image_quality`). Row i of OUT.npz
@@ -77,10 +84,12 @@ from diffusion_jax.sample import (
 )
 from diffusion_jax.workdir import load_config, load_workdir
 
-METRICS = ("nll", "fid", "is", "psnr", "ssim", "class_accuracy")
+METRICS = ("nll", "fid", "fd", "is", "psnr", "ssim", "class_accuracy")
 IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim}  # (x, y, data_range) -> (N,)
 BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 REFERENCE_SPLIT = "train"
+DATA_SPLIT = "all"  # the digits' yardstick (fd, data_is): every real digit
+FLOOR_PARTITIONS = 10  # random halvings of the real digits averaged into the fd floor
 DEFAULT_NUM_SAMPLES = 10_000
 IS_SPLITS = 10
 IS_MIN_SAMPLES = 100  # 10 per split: a split of one sample scores exactly 1
@@ -279,29 +288,56 @@ def feature_network(config, metric: str) -> FeatureNetwork:
     )
 
 
-def reference_statistics(config, network: FeatureNetwork) -> tuple[np.ndarray, np.ndarray, int]:
-    """Feature mean, covariance and example count of the dataset's train split, cached in the
-    cache dir (a cached file without the count, from an older version, is recomputed)."""
+def reference_statistics(
+    config, network: FeatureNetwork, split: str = REFERENCE_SPLIT
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Feature mean, covariance and example count of a split of the dataset (default train),
+    cached in the cache dir (a cached file without the count, from an older version, is
+    recomputed)."""
     d = config.data
-    key = [network.name, d.dataset, d.get("data_dir", ""), REFERENCE_SPLIT, d.image_size]
+    key = [network.name, d.dataset, d.get("data_dir", ""), split, d.image_size]
     key += [d.num_channels]
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{d.dataset}_{REFERENCE_SPLIT}_{d.image_size}px")
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{d.dataset}_{split}_{d.image_size}px")
     path = default_cache_dir() / "fid_stats" / f"{network.name}_{slug}_{digest}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as cached:
             if "num_examples" in cached.files:
                 return cached["mu"], cached["sigma"], int(cached["num_examples"])
-    source = _source(config, REFERENCE_SPLIT)
+    source = _source(config, split)
     chunks = _batches(source, len(source), FEATURE_CHUNK)
     total = -(-len(source) // FEATURE_CHUNK)
     features = [network.features(c) for c in tqdm(chunks, total=total, desc="reference")]
     try:
         mu, sigma = metrics.feature_statistics(np.concatenate(features))
     except ValueError as e:
-        raise cli.UserError(f"reference set {d.dataset!r} {REFERENCE_SPLIT}: {e}") from None
+        raise cli.UserError(f"reference set {d.dataset!r} {split}: {e}") from None
     metrics.save_statistics(path, mu, sigma, num_examples=len(source))
     return mu, sigma, len(source)
+
+
+def data_yardstick(config, network: FeatureNetwork) -> dict:
+    """The real digits scored like samples: the FD floor (mean and std over FLOOR_PARTITIONS
+    seeded random halvings of all the digits, FD of one half against the other) and their
+    class IS (IS_SPLITS splits)."""
+    source = _source(config, DATA_SPLIT)
+    images = np.concatenate(list(_batches(source, len(source), FEATURE_CHUNK)))
+    features = network.features(images)
+    floors = []
+    for seed in range(FLOOR_PARTITIONS):
+        order = np.random.default_rng(seed).permutation(len(images))
+        a, b = np.array_split(features[order], 2)
+        floors.append(
+            metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+        )
+    data_is, _ = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
+    return dict(
+        floor=float(np.mean(floors)),
+        floor_std=float(np.std(floors)),
+        floor_halves=[len(a), len(b)],
+        data_is=float(data_is),
+        num_data=len(images),
+    )
 
 
 def load_samples(path) -> tuple[np.ndarray, dict | None]:
@@ -336,7 +372,7 @@ def check_images(images: np.ndarray, config, source: str) -> None:
 
 
 def _check_count(metric: str, n: int, network: FeatureNetwork) -> None:
-    if metric == "fid" and n <= network.dim:
+    if metric in ("fid", "fd") and n <= network.dim:
         raise cli.UserError(
             f"FID needs more samples than feature dimensions: got {n} samples of "
             f"{network.dim}-dimensional {network.name} features, so their covariance would be "
@@ -352,13 +388,13 @@ def _check_count(metric: str, n: int, network: FeatureNetwork) -> None:
 def evaluate_samples(
     workdir, metric: str, *, samples=None, num_samples=None, seed=0, **sampler_flags
 ) -> dict:
-    """FID or IS of the images in `samples` (.npz), or of num_samples sampled images.
+    """FID, FD or IS of the images in `samples` (.npz), or of num_samples sampled images.
 
     Everything that can fail (counts, feature network, reference statistics) is settled
     before the sampling, which is the long part."""
     start = time.time()
-    if metric not in ("fid", "is"):
-        raise cli.UserError(f"metric={metric!r}: expected 'fid' or 'is'")
+    if metric not in ("fid", "fd", "is"):
+        raise cli.UserError(f"metric={metric!r}: expected 'fid', 'fd' or 'is'")
     if samples is not None and num_samples is not None:
         raise cli.UserError("give --samples (evaluate a file) or --num_samples (sample), not both")
     config = load_config(workdir)
@@ -375,26 +411,52 @@ def evaluate_samples(
         n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
         options = sampler_options(config, **sampler_flags)
     network = feature_network(config, metric)
+    digits = network.logits is not None and config.data.dataset == "digits"
+    if metric == "fd" and not digits:
+        raise cli.UserError(
+            f"--metric=fd is the digits' yardstick (all 1,797 digits, with their floor); "
+            f"{config.data.dataset!r} is scored by --metric=fid"
+        )
     _check_count(metric, n, network)
-    reference = reference_statistics(config, network) if metric == "fid" else None
+    split = {"fid": REFERENCE_SPLIT, "fd": DATA_SPLIT}.get(metric)
+    reference = reference_statistics(config, network, split) if split else None
+    yardstick = data_yardstick(config, network) if digits and metric != "fid" else {}
     if samples is None:
         mesh = parallel.make_mesh()
         wd = load_workdir(workdir, config=config, mesh=mesh)
         images = sample_workdir(wd, n, options, seed=seed, mesh=mesh)
         made = provenance(workdir, wd.step, n, seed, options)
-    if metric == "fid":
+    if reference is not None:
         mu, sigma = metrics.feature_statistics(network.features(images))
         ref_mu, ref_sigma, num_refs = reference
         name = (
-            f"fid@{n} samples vs {config.data.dataset} {REFERENCE_SPLIT} ({num_refs} refs), "
+            f"{metric}@{n} samples vs {config.data.dataset} {split} ({num_refs} refs), "
             f"{network.description} features"
         )
         value = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
         record = dict(metric=metric, name=name, value=value)
+        if metric == "fd":
+            floor = yardstick["floor"]
+            halves = yardstick["floor_halves"]
+            record.update(
+                ratio_to_floor=value / floor,
+                floor=floor,
+                floor_std=yardstick["floor_std"],
+                floor_name=(
+                    f"FD between random halves ({halves[0]} vs {halves[1]}) of the "
+                    f"{yardstick['num_data']} real digits, mean of {FLOOR_PARTITIONS} halvings"
+                ),
+            )
     else:
         value, std = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
         name = f"is@{n} samples ({IS_SPLITS} splits), {network.description} class probabilities"
         record = dict(metric=metric, name=name, value=value, std=std)
+        if digits:
+            record.update(
+                ratio_to_data=value / yardstick["data_is"],
+                data_is=yardstick["data_is"],
+                data_is_name=f"IS of the {yardstick['num_data']} real digits ({IS_SPLITS} splits)",
+            )
     made = made or {}
     record = dict(
         record,
@@ -617,7 +679,8 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "metric",
         None,
-        "nll (bits/dim on --split), fid, is or class_accuracy (of samples), psnr or ssim "
+        "nll (bits/dim on --split), fid, fd (digits), is or class_accuracy (of samples), "
+        "psnr or ssim "
         "(samples against --reference).",
     )
     flags.DEFINE_string(
