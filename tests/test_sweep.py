@@ -17,7 +17,7 @@ from diffusion_jax import sweep as sweep_lib
 from diffusion_jax.sweep import Sweep, point_name, product, zipped
 
 CONFIG_FILE = REPO / "configs" / "ddpm_digits.py"
-SWEEP_FILES = sorted((REPO / "experiments" / "sweeps").glob("*.py"))
+SWEEP_FILES = sorted((REPO / "experiments" / "sweeps").glob("[!_]*.py"))  # _x.py: shared parts
 
 
 def write_sweep(path: Path, points: str, extra: str = "") -> Path:
@@ -56,7 +56,7 @@ def test_printed_commands_parse_back_to_the_points_config(tmp_path, monkeypatch)
     path = write_sweep(
         tmp_path / "s.py",
         'product({"model.ch_mult": [(1, 2), (1, 2, 2)], "data.random_flip": [True, False]}, '
-        '{"optim.lr": [3e-4], "diffusion.schedule": ["cosine"]})',
+        '{"optim.lr": [3e-4], "diffusion.schedule": ["cosine"], "diffusion.beta_end": [0.01]})',
     )
     sweep = Sweep(path)
     assert len(sweep.points) == 4

@@ -12,6 +12,8 @@ A sweep file is plain Python with
   flags);
 - optionally `QUICK`: {"config": {field: value}, "evaluate": {flag: value}} applied to every
   point and evaluation by `--quick` (a smoke run: few steps, few samples).
+A sweep file may import what several share from a module beside it (experiments/sweeps/
+_digits.py).
 
 Each point trains in its own workdir, DIR/<point name> (`point_name`: its overrides,
 `field=value` joined by commas, the field by its last component where that is unambiguous),
@@ -120,7 +122,11 @@ class Sweep:
             raise ValueError(f"sweep file {str(path)!r} does not exist")
         spec = importlib.util.spec_from_file_location(self.path.stem, self.path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        sys.path.insert(0, str(self.path.parent))  # sweep files may share a sibling module
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(self.path.parent))
         for name in ("CONFIG", "get_points"):
             if not hasattr(module, name):
                 raise ValueError(f"sweep file {str(path)!r} defines no {name}")

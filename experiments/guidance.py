@@ -1,0 +1,73 @@
+"""The guidance trade-off (study 8): class accuracy (fidelity) against FD (diversity) of
+classifier-free guidance of the class-conditional digits model (configs/cfg_digits.py) over the
+weight w, and of classifier guidance of the unconditional one (configs/ddpm_digits.py guided
+by configs/classifier_digits.py) over the scale s (Ho & Salimans 2022, Dhariwal & Nichol 2021:
+guidance raises fidelity and lowers diversity as it grows). 1,000 samples per setting, classes
+cycled 0..9, the config's sampler (DDIM, 50 steps).
+
+`python experiments/guidance.py [--quick]` writes experiments/results/guidance.csv, .md, .png.
+"""
+
+from study_common import Study, line_figure
+
+from diffusion_jax import evaluate, sample
+
+WEIGHTS = [0, 1, 3, 5]
+
+
+def scores(workdir, samples) -> dict:
+    accuracy = evaluate.evaluate_class_accuracy(workdir, samples=samples)["value"]
+    return dict(
+        accuracy=accuracy, FD=evaluate.evaluate_samples(workdir, "fid", samples=samples)["value"]
+    )
+
+
+def main():
+    study = Study("guidance", __doc__)
+    n = 100 if study.quick else 1000
+    suffix = "_quick" if study.quick else ""
+    cfg_root = study.root.parent / f"cfg_digits{suffix}"
+    classifier_root = study.root.parent / f"classifier_digits{suffix}"
+    study.sweep("cfg_digits", cfg_root)
+    study.sweep("classifier_digits", classifier_root)
+    unconditional = study.default_workdir()
+    study.root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for w in WEIGHTS:
+        path = study.root / f"cfg_w{w}.npz"
+        record = sample.run(cfg_root / "base", n, path, guidance=float(w))
+        rows.append(
+            dict(
+                guidance="classifier-free w",
+                strength=w,
+                **scores(cfg_root / "base", path),
+                seconds=record["seconds"],
+            )
+        )
+        study.log(str(rows[-1]))
+    for s in WEIGHTS:
+        path = study.root / f"classifier_s{s}.npz"
+        record = sample.run(
+            unconditional,
+            n,
+            path,
+            classifier_workdir=classifier_root / "base",
+            classifier_scale=float(s),
+        )
+        rows.append(
+            dict(
+                guidance="classifier s",
+                strength=s,
+                **scores(unconditional, path),
+                seconds=record["seconds"],
+            )
+        )
+        study.log(str(rows[-1]))
+    figure = line_figure(
+        rows, "strength", "guidance", {"accuracy": "class accuracy", "FD": "FD"}, logx=False
+    )
+    study.write(rows, figure)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""What the study scripts share: their flags, where results go, the default digits checkpoint,
+FD and IS of images in memory, and the table (CSV + Markdown) with the wall time.
+
+A study writes experiments/results/NAME.csv, NAME.md (the table, the command and its wall time)
+and NAME.png; with --quick (a smoke run) they go to the study's workdir root instead, so a smoke
+run never overwrites the committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_jax import evaluate, metrics
+from diffusion_jax import sweep as sweep_lib
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+SWEEPS = REPO / "experiments" / "sweeps"
+
+
+class Study:
+    """A study run: parses --quick / --workdir_root, times itself, writes the results."""
+
+    def __init__(self, name: str, doc: str):
+        parser = argparse.ArgumentParser(description=doc)
+        parser.add_argument(
+            "--quick", action="store_true", help="a smoke run: tiny models, few samples"
+        )
+        parser.add_argument(
+            "--workdir_root", default=None, help="workdirs (default runs/studies/NAME[_quick])"
+        )
+        args = parser.parse_args()
+        self.name, self.quick = name, args.quick
+        default_root = REPO / "runs" / "studies" / (name + ("_quick" if self.quick else ""))
+        self.root = Path(args.workdir_root or default_root)
+        self.out = self.root if self.quick else RESULTS
+        self.command = " ".join(["python", *map(shlex.quote, sys.argv)])
+        self.start = time.time()
+
+    def log(self, message: str) -> None:
+        print(f"[{self.name} {time.time() - self.start:6.0f} s] {message}", flush=True)
+
+    def sweep(self, sweep_name: str, root: Path | None = None) -> list[dict]:
+        """The rows of experiments/sweeps/<sweep_name>.py, run (or found done) under the root."""
+        sweep = sweep_lib.Sweep(SWEEPS / f"{sweep_name}.py", quick=self.quick)
+        rows = sweep_lib.run_sweep(sweep, root or self.root, log=self.log)
+        failed = [r["point"] for r in rows if r["status"] != "done"]
+        if failed:
+            raise SystemExit(f"{self.name}: points failed: {', '.join(failed)}")
+        return rows
+
+    def default_workdir(self) -> Path:
+        """The workdir of configs/ddpm_digits.py as the README trains it (the sweep `digits`),
+        beside the study's root (runs/studies/digits), shared by the studies that evaluate
+        one checkpoint."""
+        root = self.root.parent / ("digits_quick" if self.quick else "digits")
+        sweep = sweep_lib.Sweep(SWEEPS / "digits.py", quick=self.quick)
+        sweep.evaluations = []  # the studies score it themselves
+        sweep_lib.run_sweep(sweep, root, log=self.log)
+        return root / "base"
+
+    def write(self, rows: list[dict], figure=None, notes: str = "") -> str:
+        """NAME.csv, NAME.md (table, command, wall time, notes) and NAME.png (the matplotlib
+        figure given); prints the Markdown table and returns it."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        with open(self.out / f"{self.name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows({c: cell(r.get(c)) for c in columns} for r in rows)
+        table = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+        table += [f"| {' | '.join(cell(r.get(c)) for c in columns)} |" for r in rows]
+        seconds = time.time() - self.start
+        text = "\n".join(table)
+        footer = f"`{self.command}`: {seconds:.0f} s wall on this machine (this invocation)."
+        (self.out / f"{self.name}.md").write_text(
+            f"{text}\n\n{footer}\n" + (f"\n{notes}\n" if notes else "")
+        )
+        if figure is not None:
+            figure.savefig(self.out / f"{self.name}.png", dpi=100, bbox_inches="tight")
+        print(text + "\n\n" + footer, flush=True)
+        return text
+
+
+def cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float | np.floating):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class DigitsScores:
+    """FD against the training digits and the class IS, of uint8 images held in memory, with
+    the evaluate CLI's feature network and cached reference statistics."""
+
+    def __init__(self, config):
+        self.network = evaluate.feature_network(config, "fid")
+        self.reference = evaluate.reference_statistics(config, self.network)
+
+    def fd(self, images: np.ndarray) -> float:
+        mu, sigma = metrics.feature_statistics(self.network.features(images))
+        return float(metrics.frechet_distance(mu, sigma, *self.reference[:2]))
+
+    def spread(self, images: np.ndarray) -> float:
+        """Diversity: the trace of the images' feature covariance over the training digits'
+        (1: as spread out as the data; a collapsed sampler scores near 0)."""
+        _, sigma = metrics.feature_statistics(self.network.features(images))
+        return float(np.trace(sigma) / np.trace(self.reference[1]))
+
+    def inception_score(self, images: np.ndarray) -> float:
+        logits = self.network.logits(images)
+        return float(metrics.inception_score(logits, evaluate.IS_SPLITS, from_logits=True)[0])
+
+
+def bar_figure(rows: list[dict], label: str, metrics_: dict[str, str]):
+    """One bar chart per metric column ({column: axis title}) over the rows' `label` column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics_), figsize=(3.2 * len(metrics_), 3))
+    for ax, (column, title) in zip(np.atleast_1d(axes), metrics_.items(), strict=True):
+        names = [str(r[label]) for r in rows]
+        values = [float(r[column]) for r in rows]
+        ax.bar(names, values, color="tab:blue")
+        if min(values) > 0 and max(values) > 100 * min(values):
+            ax.set_yscale("log")  # one point far off the others (x0's bits/dim)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_study(name: str, doc: str, sweep_name: str | None = None) -> list[dict]:
+    """A study that is one sweep: its points' FD, IS, test bits/dim and training time, in a
+    table and bar charts."""
+    study = Study(name, doc)
+    rows = study.sweep(sweep_name or name)
+    table = [
+        {
+            "point": r["point"],
+            "FD": r["fid"],
+            "IS": r["is"],
+            "test bits/dim": r["test_bpd"],
+            "final loss": r["loss"],
+            "train s": r["train_seconds"],
+        }
+        for r in rows
+    ]
+    figure = bar_figure(
+        table, "point", {"FD": "FD (lower: closer)", "IS": "class IS", "test bits/dim": "bits/dim"}
+    )
+    study.write(table, figure)
+    return table
+
+
+def sample_images(wd, num_samples: int, *, seed: int = 0, var_type=None, **options):
+    """(uint8 images, seconds) from a loaded workdir with sampler options (sample CLI's names)
+    and, optionally, another reverse variance than the trained one."""
+    from diffusion_jax import sample
+
+    if var_type is not None:
+        config = copy.deepcopy(wd.config)
+        config.diffusion.var_type = var_type
+        wd = wd._replace(config=config)
+    options = sample.sampler_options(wd.config, **options)
+    start = time.time()
+    images = sample.sample_workdir(wd, num_samples, options, seed=seed)
+    return images, time.time() - start
+
+
+def line_figure(rows: list[dict], x: str, series: str, metrics_: dict[str, str], logx=True):
+    """One panel per metric column: the metric against column x, one line per value of the
+    column `series`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics_), figsize=(3.6 * len(metrics_), 3))
+    for ax, (column, title) in zip(np.atleast_1d(axes), metrics_.items(), strict=True):
+        for name in dict.fromkeys(r[series] for r in rows):
+            points = sorted((r[x], r[column]) for r in rows if r[series] == name)
+            ax.plot(*zip(*points, strict=True), marker="o", label=str(name))
+        ax.set_xscale("log" if logx else "linear")
+        ax.set_xlabel(x)
+        ax.set_title(title)
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
