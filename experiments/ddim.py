@@ -69,14 +69,7 @@ def main():
             images, seconds = sample_images(wd, n, sampler=sampler, steps=steps, eta=eta)
             name = "DDPM" if sampler == "ddpm" else f"DDIM eta={eta}"
             rows.append(
-                dict(
-                    sampler=name,
-                    steps=steps,
-                    FD=scores.fd(images),
-                    diversity=scores.spread(images),
-                    samples=n,
-                    seconds=round(seconds, 1),
-                )
+                scores.row(images, sampler=name, steps=steps, samples=n, seconds=round(seconds, 1))
             )
             study.log(str(rows[-1]))
 

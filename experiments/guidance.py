@@ -12,7 +12,7 @@ from study_common import Study, line_figure
 
 from diffusion_jax import evaluate, sample
 
-WEIGHTS = [0, 1, 3, 5]
+WEIGHTS = [0.0, 1.0, 3.0, 5.0]
 
 
 def scores(workdir, samples) -> dict:
@@ -32,34 +32,18 @@ def main():
     study.sweep("classifier_digits", classifier_root)
     unconditional = study.default_workdir()
     study.root.mkdir(parents=True, exist_ok=True)
+    settings = [("classifier-free w", w, cfg_root / "base", {"guidance": w}) for w in WEIGHTS]
+    guide = {"classifier_workdir": classifier_root / "base"}
+    settings += [
+        ("classifier s", s, unconditional, dict(guide, classifier_scale=s)) for s in WEIGHTS
+    ]
     rows = []
-    for w in WEIGHTS:
-        path = study.root / f"cfg_w{w}.npz"
-        record = sample.run(cfg_root / "base", n, path, guidance=float(w))
+    for kind, strength, workdir, flags in settings:
+        path = study.root / f"{kind.split()[0]}_{strength}.npz"
+        record = sample.run(workdir, n, path, **flags)
         rows.append(
             dict(
-                guidance="classifier-free w",
-                strength=w,
-                **scores(cfg_root / "base", path),
-                seconds=record["seconds"],
-            )
-        )
-        study.log(str(rows[-1]))
-    for s in WEIGHTS:
-        path = study.root / f"classifier_s{s}.npz"
-        record = sample.run(
-            unconditional,
-            n,
-            path,
-            classifier_workdir=classifier_root / "base",
-            classifier_scale=float(s),
-        )
-        rows.append(
-            dict(
-                guidance="classifier s",
-                strength=s,
-                **scores(unconditional, path),
-                seconds=record["seconds"],
+                guidance=kind, strength=strength, **scores(workdir, path), seconds=record["seconds"]
             )
         )
         study.log(str(rows[-1]))

@@ -116,6 +116,11 @@ class DigitsScores:
         _, sigma = metrics.feature_statistics(self.network.features(images))
         return float(np.trace(sigma) / np.trace(self.reference[1]))
 
+    def row(self, images: np.ndarray, **fields) -> dict:
+        """`fields` and the images' FD, class IS and diversity (`spread`), a table row."""
+        scores = dict(FD=self.fd(images), IS=self.inception_score(images))
+        return dict(fields, **scores, diversity=self.spread(images))
+
     def inception_score(self, images: np.ndarray) -> float:
         logits = self.network.logits(images)
         return float(metrics.inception_score(logits, evaluate.IS_SPLITS, from_logits=True)[0])

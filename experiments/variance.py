@@ -22,16 +22,8 @@ def main():
     for steps_ in steps:
         for var_type in ("fixed_large", "fixed_small"):
             images, seconds = sample_images(wd, n, sampler="ddpm", steps=steps_, var_type=var_type)
-            rows.append(
-                dict(
-                    steps=steps_,
-                    variance=var_type,
-                    FD=scores.fd(images),
-                    IS=scores.inception_score(images),
-                    samples=n,
-                    seconds=round(seconds, 1),
-                )
-            )
+            fields = dict(steps=steps_, variance=var_type, samples=n, seconds=round(seconds, 1))
+            rows.append(scores.row(images, **fields))
             study.log(str(rows[-1]))
     study.write(rows, line_figure(rows, "steps", "variance", {"FD": "FD", "IS": "class IS"}))
 

@@ -16,8 +16,8 @@ STUDIES = {
     "parameterization": (3, ["FD", "IS", "test bits/dim"]),
     "losses": (3, ["FD", "IS", "test bits/dim"]),
     "schedules": (4, ["FD", "IS", "test bits/dim"]),
-    "variance": (4, ["FD", "IS"]),
-    "ddim": (8, ["FD", "diversity"]),
+    "variance": (4, ["FD", "IS", "diversity"]),
+    "ddim": (8, ["FD", "IS", "diversity"]),
     "one_step": (7, ["IS", "sharpness"]),
     "guidance": (8, ["accuracy", "FD"]),
 }
