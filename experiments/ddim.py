@@ -1,5 +1,6 @@
-"""Fewer steps (study 5, Song et al. 2021): FD, diversity and time of DDPM ancestral sampling and
-DDIM at eta in {0, 0.5, 1} over 10, 20, 50, 100 and 1,000 steps of one checkpoint
+"""Fewer steps (study 5, Song et al. 2021): FD, diversity and time of DDPM ancestral sampling,
+DDIM at eta in {0, 0.5, 1} and DPM-Solver++(2M) (one model evaluation a step, like the others)
+over 10, 20, 50, 100 and 1,000 steps of one checkpoint
 (configs/ddpm_digits.py trained as the README does); the reconstruction error of DDIM
 inversion (x_0 -> x_T -> x_0, eta = 0) of test digits; and a strip of images decoded from the
 spherical interpolation between two x_T. The paper: DDIM is far better than DDPM at few steps,
@@ -20,7 +21,9 @@ from diffusion_jax import data, grid, samplers
 from diffusion_jax.data import to_model_range, to_uint8
 from diffusion_jax.workdir import load_workdir
 
-SAMPLERS = [("ddpm", 1.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0)]  # (sampler, eta)
+# (sampler, eta); DPM-Solver++(2M) adds the quality per model evaluation of a multistep solver.
+SAMPLERS = [("ddpm", 1.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("dpm_solver++2m", 0.0)]
+NAMES = {"ddpm": "DDPM", "dpm_solver++2m": "DPM-Solver++(2M)"}
 
 
 def chain_fns(wd, num_steps: int):
@@ -67,7 +70,7 @@ def main():
     for steps in steps_list:
         for sampler, eta in SAMPLERS:
             images, seconds = sample_images(wd, n, sampler=sampler, steps=steps, eta=eta)
-            name = "DDPM" if sampler == "ddpm" else f"DDIM eta={eta}"
+            name = NAMES.get(sampler, f"DDIM eta={eta}")
             rows.append(
                 scores.row(images, sampler=name, steps=steps, samples=n, seconds=round(seconds, 1))
             )

@@ -17,7 +17,7 @@ STUDIES = {
     "losses": (3, ["FD", "IS", "test bits/dim"]),
     "schedules": (4, ["FD", "IS", "test bits/dim"]),
     "variance": (4, ["FD", "IS", "diversity"]),
-    "ddim": (8, ["FD", "IS", "diversity"]),
+    "ddim": (10, ["FD", "IS", "diversity"]),
     "one_step": (7, ["IS", "sharpness"]),
     "guidance": (8, ["accuracy", "FD"]),
 }
