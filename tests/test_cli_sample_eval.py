@@ -213,6 +213,21 @@ def test_digits_yardstick_scores_the_real_digits_as_their_own_floor(workdir, cac
     assert score["ratio_to_data"] == pytest.approx(1.0)
 
 
+def test_several_metrics_score_one_sampling(workdir, cache_dir):
+    """--metric=fid,fd,is: one sampling scored by each, the same records as one metric at a
+    time (the samples depend only on the seed)."""
+    together = evaluate.evaluate_sample_metrics(workdir, ["fid", "fd", "is"], num_samples=100)
+    for record in together:
+        alone = evaluate_samples(workdir, record["metric"], num_samples=100)
+        assert record["value"] == pytest.approx(alone["value"], rel=1e-6)
+        assert record["name"] == alone["name"] and record["provenance"] == alone["provenance"]
+    proc = run_cli("evaluate", f"--workdir={workdir}", "--metric=fid,nll")
+    assert proc.returncode == 2
+    assert "several metrics are scores of one set of images" in proc.stderr
+    with pytest.raises(UserError, match="each at most once"):
+        evaluate.evaluate_sample_metrics(workdir, ["fid", "fid"], num_samples=100)
+
+
 def test_evaluate_errors(workdir, cache_dir, tmp_path):
     with pytest.raises(UserError, match="FID needs more samples than feature dimensions"):
         evaluate_samples(workdir, "fid", num_samples=64)

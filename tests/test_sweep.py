@@ -52,6 +52,13 @@ def test_point_names():
     assert name == "model.dropout=0.1,other.dropout=0.2,ch_mult=1-2"
 
 
+def test_evaluation_columns():
+    assert sweep_lib.evaluation_columns({"metric": "fid,is", "num_samples": 10}) == ["fid", "is"]
+    assert sweep_lib.evaluation_columns({"metric": "fid,is", "name": "a"}) == ["a_fid", "a_is"]
+    assert sweep_lib.evaluation_columns({"metric": "nll", "name": "bpd"}) == ["bpd"]
+    assert sweep_lib.evaluation_columns({"metric": "fid", "steps": 5}) == ["fid[steps=5]"]
+
+
 def test_printed_commands_parse_back_to_the_points_config(tmp_path, monkeypatch):
     path = write_sweep(
         tmp_path / "s.py",
@@ -94,7 +101,7 @@ def test_every_committed_sweep_point_is_valid(path, quick):
     for i in range(len(sweep.points)):
         sweep.config_of(i)
     for evaluation in sweep.evaluations:
-        assert evaluation["metric"] in ("nll", "fid", "is", "class_accuracy")
+        assert set(evaluation["metric"].split(",")) <= {"nll", "fid", "fd", "is", "class_accuracy"}
 
 
 def test_print_only_prints_a_command_per_point(tmp_path):

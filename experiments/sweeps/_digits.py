@@ -3,8 +3,7 @@
 # FD and class IS of 1,000 samples (the config's sampler: DDIM, 50 steps) against the training
 # digits in the digits classifier's features; bits/dim of the 360 test digits (the full bound).
 EVALUATE = [
-    {"metric": "fid", "num_samples": 1000, "name": "fid"},
-    {"metric": "is", "num_samples": 1000, "name": "is"},
+    {"metric": "fid,is", "num_samples": 1000},  # one sampling, a column each
     {"metric": "nll", "num_samples": 360, "name": "test_bpd"},
 ]
 

@@ -15,6 +15,9 @@ dataset's train split are computed once and cached as .npz in the cache dir
 ($DIFFUSION_JAX_CACHE, else ~/.cache/diffusion_jax). The Inception weights have no classifier
 head, so the Inception Score exists for the digits only. Prints one JSON line.
 
+`--metric=fid,is` (any of fid, fd, is, comma-separated) scores one set of images by each, sampling
+it once, and prints one JSON line per metric.
+
 fd (the digits only): the Frechet distance in the digits classifier's features against all
 1,797 digits (the `all` split), printed with the data's own floor beside it: the mean (and std)
 of the FD between the two random halves of the real digits over FLOOR_PARTITIONS seeded
@@ -385,16 +388,29 @@ def _check_count(metric: str, n: int, network: FeatureNetwork) -> None:
         )
 
 
-def evaluate_samples(
-    workdir, metric: str, *, samples=None, num_samples=None, seed=0, **sampler_flags
-) -> dict:
-    """FID, FD or IS of the images in `samples` (.npz), or of num_samples sampled images.
+SAMPLE_METRICS = ("fid", "fd", "is")  # scores of a set of images, several from one sampling
+
+
+def evaluate_samples(workdir, metric: str, **kwargs) -> dict:
+    """FID, FD or IS of the images in `samples` (.npz), or of num_samples sampled images
+    (`evaluate_sample_metrics` with one metric)."""
+    return evaluate_sample_metrics(workdir, [metric], **kwargs)[0]
+
+
+def evaluate_sample_metrics(
+    workdir, metric_names, *, samples=None, num_samples=None, seed=0, **sampler_flags
+) -> list[dict]:
+    """One record per metric of SAMPLE_METRICS, all of the same images: those in `samples`
+    (.npz), or num_samples images sampled once.
 
     Everything that can fail (counts, feature network, reference statistics) is settled
     before the sampling, which is the long part."""
     start = time.time()
-    if metric not in ("fid", "fd", "is"):
-        raise cli.UserError(f"metric={metric!r}: expected 'fid', 'fd' or 'is'")
+    for metric in metric_names:
+        if metric not in SAMPLE_METRICS:
+            raise cli.UserError(f"metric={metric!r}: expected one of {', '.join(SAMPLE_METRICS)}")
+    if len(set(metric_names)) != len(metric_names):
+        raise cli.UserError(f"metrics {','.join(metric_names)}: each at most once")
     if samples is not None and num_samples is not None:
         raise cli.UserError("give --samples (evaluate a file) or --num_samples (sample), not both")
     config = load_config(workdir)
@@ -410,6 +426,33 @@ def evaluate_samples(
             )
         n = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
         options = sampler_options(config, **sampler_flags)
+    plans = [_plan_metric(config, metric, n) for metric in metric_names]
+    if samples is None:
+        mesh = parallel.make_mesh()
+        wd = load_workdir(workdir, config=config, mesh=mesh)
+        images = sample_workdir(wd, n, options, seed=seed, mesh=mesh)
+        made = provenance(workdir, wd.step, n, seed, options)
+    made = made or {}
+    records = []
+    for plan in plans:
+        record = dict(
+            _score(config, images, **plan),
+            num_samples=n,
+            feature_network=plan["network"].name,
+            samples=None if samples is None else str(samples),
+            # The samples' provenance (None for a file written without one).
+            **{k: made.get(k) for k in ("sampler", "steps", "eta", "guidance", "seed", "step")},
+            provenance=made or None,
+            seconds=round(time.time() - start, 3),
+        )
+        _append_result(workdir, record)
+        records.append(record)
+    return records
+
+
+def _plan_metric(config, metric: str, n: int) -> dict:
+    """The feature network, reference statistics and digits yardstick that `metric` of n images
+    needs, or UserError before anything is sampled."""
     network = feature_network(config, metric)
     digits = network.logits is not None and config.data.dataset == "digits"
     if metric == "fd" and not digits:
@@ -419,56 +462,47 @@ def evaluate_samples(
         )
     _check_count(metric, n, network)
     split = {"fid": REFERENCE_SPLIT, "fd": DATA_SPLIT}.get(metric)
-    reference = reference_statistics(config, network, split) if split else None
-    yardstick = data_yardstick(config, network) if digits and metric != "fid" else {}
-    if samples is None:
-        mesh = parallel.make_mesh()
-        wd = load_workdir(workdir, config=config, mesh=mesh)
-        images = sample_workdir(wd, n, options, seed=seed, mesh=mesh)
-        made = provenance(workdir, wd.step, n, seed, options)
-    if reference is not None:
-        mu, sigma = metrics.feature_statistics(network.features(images))
-        ref_mu, ref_sigma, num_refs = reference
-        name = (
-            f"{metric}@{n} samples vs {config.data.dataset} {split} ({num_refs} refs), "
-            f"{network.description} features"
-        )
-        value = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
-        record = dict(metric=metric, name=name, value=value)
-        if metric == "fd":
-            floor = yardstick["floor"]
-            halves = yardstick["floor_halves"]
-            record.update(
-                ratio_to_floor=value / floor,
-                floor=floor,
-                floor_std=yardstick["floor_std"],
-                floor_name=(
-                    f"FD between random halves ({halves[0]} vs {halves[1]}) of the "
-                    f"{yardstick['num_data']} real digits, mean of {FLOOR_PARTITIONS} halvings"
-                ),
-            )
-    else:
+    return dict(
+        metric=metric,
+        network=network,
+        split=split,
+        reference=reference_statistics(config, network, split) if split else None,
+        yardstick=data_yardstick(config, network) if digits and metric != "fid" else {},
+    )
+
+
+def _score(config, images, *, metric, network, split, reference, yardstick) -> dict:
+    n = len(images)
+    if reference is None:
         value, std = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
         name = f"is@{n} samples ({IS_SPLITS} splits), {network.description} class probabilities"
         record = dict(metric=metric, name=name, value=value, std=std)
-        if digits:
+        if yardstick:
             record.update(
                 ratio_to_data=value / yardstick["data_is"],
                 data_is=yardstick["data_is"],
                 data_is_name=f"IS of the {yardstick['num_data']} real digits ({IS_SPLITS} splits)",
             )
-    made = made or {}
-    record = dict(
-        record,
-        num_samples=n,
-        feature_network=network.name,
-        samples=None if samples is None else str(samples),
-        # The samples' provenance (None for a file written without one).
-        **{key: made.get(key) for key in ("sampler", "steps", "eta", "guidance", "seed", "step")},
-        provenance=made or None,
-        seconds=round(time.time() - start, 3),
+        return record
+    mu, sigma = metrics.feature_statistics(network.features(images))
+    ref_mu, ref_sigma, num_refs = reference
+    name = (
+        f"{metric}@{n} samples vs {config.data.dataset} {split} ({num_refs} refs), "
+        f"{network.description} features"
     )
-    _append_result(workdir, record)
+    value = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    record = dict(metric=metric, name=name, value=value)
+    if metric == "fd":
+        halves = yardstick["floor_halves"]
+        record.update(
+            ratio_to_floor=value / yardstick["floor"],
+            floor=yardstick["floor"],
+            floor_std=yardstick["floor_std"],
+            floor_name=(
+                f"FD between random halves ({halves[0]} vs {halves[1]}) of the "
+                f"{yardstick['num_data']} real digits, mean of {FLOOR_PARTITIONS} halvings"
+            ),
+        )
     return record
 
 
@@ -721,8 +755,15 @@ def main(argv) -> None:
     f = flags.FLAGS
     with cli.user_errors():
         cli.require_flags("metric")
-        if f.metric not in METRICS:
+        names = f.metric.split(",")
+        if len(names) > 1 and not set(names) <= set(SAMPLE_METRICS):
+            raise cli.UserError(
+                f"--metric={f.metric}: several metrics are scores of one set of images, from "
+                f"{', '.join(SAMPLE_METRICS)}"
+            )
+        if names[0] not in METRICS:
             raise cli.UserError(f"--metric={f.metric!r}: expected one of {', '.join(METRICS)}")
+        records = None
         if f.metric in IMAGE_QUALITY:
             record = evaluate_image_quality(
                 f.metric, samples=f.samples, reference=f.reference, workdir=f.workdir
@@ -756,8 +797,9 @@ def main(argv) -> None:
             if f.metric == "class_accuracy":
                 record = evaluate_class_accuracy(f.workdir, **sampling)
             else:
-                record = evaluate_samples(f.workdir, f.metric, **sampling)
-    print(json.dumps(record))
+                records = evaluate_sample_metrics(f.workdir, names, **sampling)
+    for r in records or [record]:
+        print(json.dumps(r))
 
 
 if __name__ == "__main__":

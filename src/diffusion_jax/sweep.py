@@ -9,7 +9,8 @@ A sweep file is plain Python with
 - optionally `EVALUATE`: a list of evaluations run on each trained point, each a dict of the
   evaluate CLI's flags (`{"metric": "fid", "num_samples": 1000, "sampler": "ddim", "steps":
   50}`), with an optional "name" for its table column (default: the metric, then the other
-  flags);
+  flags); "metric": "fid,is" scores one sampling by each, a column per metric (named by the
+  metric, after "name" and "_" when one is given);
 - optionally `QUICK`: {"config": {field: value}, "evaluate": {flag: value}} applied to every
   point and evaluation by `--quick` (a smoke run: few steps, few samples).
 A sweep file may import what several share from a module beside it (experiments/sweeps/
@@ -142,7 +143,7 @@ class Sweep:
             raise ValueError(f"sweep file {str(path)!r} repeats a point")
         # Column names come from the evaluations as written, so --quick keeps them.
         self.evaluations = [
-            dict(e, name=evaluation_name(e), **quick_values.get("evaluate", {}))
+            dict(e, columns=evaluation_columns(e), **quick_values.get("evaluate", {}))
             for e in getattr(module, "EVALUATE", [])
         ]
 
@@ -171,17 +172,23 @@ class Sweep:
         ]
 
 
-def evaluation_name(evaluation: Mapping) -> str:
-    """A column name: the evaluation's "name", else its metric and other flags."""
+def evaluation_columns(evaluation: Mapping) -> list[str]:
+    """The table columns of an evaluation, one per metric: its "name" (or "name_metric" for
+    several metrics); without one, its metric and other flags (or the metric alone for
+    several)."""
+    names = evaluation["metric"].split(",")
+    if len(names) > 1:
+        prefix = f"{evaluation['name']}_" if "name" in evaluation else ""
+        return [prefix + name for name in names]
     if "name" in evaluation:
-        return str(evaluation["name"])
+        return [str(evaluation["name"])]
     rest = ",".join(f"{k}={v}" for k, v in evaluation.items() if k != "metric")
-    return evaluation["metric"] + (f"[{rest}]" if rest else "")
+    return [evaluation["metric"] + (f"[{rest}]" if rest else "")]
 
 
 def evaluate_command(evaluation: Mapping, workdir: Path, python: str = "python") -> list[str]:
     """The evaluate CLI's argv for one evaluation of a point."""
-    flags = [f"--{k}={_text(v)}" for k, v in evaluation.items() if k != "name"]
+    flags = [f"--{k}={_text(v)}" for k, v in evaluation.items() if k not in ("name", "columns")]
     return [python, "-m", "diffusion_jax.evaluate", f"--workdir={workdir}", *flags]
 
 
@@ -240,20 +247,22 @@ def run_point(sweep: Sweep, i: int, root: Path, log=print) -> dict:
         if proc.returncode != 0 or step is None or step < target:
             raise RuntimeError(f"training stopped at step {step} (exit code {proc.returncode})")
     for evaluation in sweep.evaluations:
-        name = evaluation_name(evaluation)
-        done = results["evaluations"].get(name)
-        if done and done["flags"] == evaluation and done["step"] == step:
-            log(f"{name}: {done['value']} (recorded)")
+        columns = evaluation["columns"]
+        done = [results["evaluations"].get(c) for c in columns]
+        if all(d and d["flags"] == evaluation and d["step"] == step for d in done):
+            recorded = zip(columns, done, strict=True)
+            log(", ".join(f"{c}: {d['value']}" for c, d in recorded) + " (recorded)")
             continue
         proc = _run(evaluate_command(evaluation, workdir, sys.executable), log)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"evaluation {name} failed (exit code {proc.returncode})")
-        record = json.loads(lines[-1])
-        value = record.get("value", record.get("total_bpd"))
-        results["evaluations"][name] = dict(flags=evaluation, step=step, value=value)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or len(lines) < len(columns):
+            raise RuntimeError(f"evaluation {columns} failed (exit code {proc.returncode})")
+        for column, line in zip(columns, lines[-len(columns) :], strict=True):
+            record = json.loads(line)
+            value = record.get("value", record.get("total_bpd"))
+            results["evaluations"][column] = dict(flags=evaluation, step=step, value=value)
+            log(f"{column}: {value}")
         _write_results(workdir, results)
-        log(f"{name}: {value}")
     return row(sweep, i, root)
 
 
@@ -265,9 +274,9 @@ def row(sweep: Sweep, i: int, root: Path, status: str = "done") -> dict:
     out.update((sweep.short[f], _text(v)) for f, v in sweep.points[i].items())
     out.update(status=status, step=latest_checkpoint_step(workdir), loss=final_loss(workdir))
     out["train_seconds"] = results.get("train_seconds")
-    for evaluation in sweep.evaluations:
-        recorded = results["evaluations"].get(evaluation_name(evaluation))
-        out[evaluation_name(evaluation)] = recorded["value"] if recorded else None
+    for column in (c for e in sweep.evaluations for c in e["columns"]):
+        recorded = results["evaluations"].get(column)
+        out[column] = recorded["value"] if recorded else None
     return out
 
 
