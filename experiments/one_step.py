@@ -46,6 +46,7 @@ def main():
             intermediates_every=every,
             parameterization=d.parameterization,
             var_type=d.var_type,
+            progress_fn=samplers.tqdm_progress("denoising"),
         )
 
     out = jax.jit(chain)(jax.random.key(0))

@@ -80,7 +80,10 @@ class Study:
         table += [f"| {' | '.join(cell(r.get(c)) for c in columns)} |" for r in rows]
         seconds = time.time() - self.start
         text = "\n".join(table)
-        footer = f"`{self.command}`: {seconds:.0f} s wall on this machine (this invocation)."
+        footer = (
+            f"`{self.command}`: {seconds:.0f} s wall on this machine (this invocation; work "
+            "found done in its workdirs is not redone)."
+        )
         (self.out / f"{self.name}.md").write_text(
             f"{text}\n\n{footer}\n" + (f"\n{notes}\n" if notes else "")
         )
@@ -127,21 +130,26 @@ class DigitsScores:
 
 
 def bar_figure(rows: list[dict], label: str, metrics_: dict[str, str]):
-    """One bar chart per metric column ({column: axis title}) over the rows' `label` column."""
+    """A dot plot per metric column ({column: axis title}), one row of dots per table row,
+    labelled by its `label` column; a log axis where one value is 100x another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics_), figsize=(3.2 * len(metrics_), 3))
+    names = [str(r[label]) for r in rows]
+    fig, axes = plt.subplots(
+        1, len(metrics_), figsize=(2.6 * len(metrics_) + 2, 0.4 * len(rows) + 1), sharey=True
+    )
     for ax, (column, title) in zip(np.atleast_1d(axes), metrics_.items(), strict=True):
-        names = [str(r[label]) for r in rows]
         values = [float(r[column]) for r in rows]
-        ax.bar(names, values, color="tab:blue")
+        ax.plot(values, range(len(rows)), "o", color="tab:blue")
         if min(values) > 0 and max(values) > 100 * min(values):
-            ax.set_yscale("log")  # one point far off the others (x0's bits/dim)
+            ax.set_xscale("log")  # one point far off the others (x0's bits/dim)
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="x", alpha=0.3)
+    np.atleast_1d(axes)[0].set_yticks(range(len(rows)), names)
+    np.atleast_1d(axes)[0].invert_yaxis()
     fig.tight_layout()
     return fig
 
