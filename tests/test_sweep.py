@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +157,37 @@ def test_sweep_trains_evaluates_skips_and_resumes(tmp_path):
     assert sweep_lib.run_sweep(sweep, root, log=log.append) == rows
     assert not any("diffusion_jax.train" in m or "diffusion_jax.evaluate" in m for m in log)
     assert sum("(recorded)" in m for m in log) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_after_the_point_saves(tmp_path):
+    """SIGINT to the sweep's process group (Ctrl-C): the training point saves a checkpoint and
+    exits, the sweep waits for it and exits 130 without starting the next point."""
+    quick = {"config": dict(TINY, **{"training.num_train_steps": 100000}), "evaluate": {}}
+    path = write_sweep(tmp_path / "s.py", 'product({"seed": [0, 1]})', extra=f"QUICK = {quick!r}")
+    root = tmp_path / "root"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffusion_jax.sweep",
+            f"--sweep={path}",
+            "--quick",
+            f"--workdir_root={root}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while sweep_lib.latest_checkpoint_step(root / "seed=0") is None:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "sweep interrupted: the same command resumes it" in err
+    assert "stopped by SIGINT" in err  # the train CLI saved on the way out
+    assert sweep_lib.latest_checkpoint_step(root / "seed=0") >= 4
+    assert not (root / "seed=1").exists()

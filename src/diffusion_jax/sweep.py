@@ -222,9 +222,18 @@ def _write_results(workdir: Path, results: dict) -> None:
 
 
 def _run(argv: list[str], log) -> subprocess.CompletedProcess:
-    """Run a CLI, its stderr (absl's progress lines) passed through; its last stdout line kept."""
+    """Run a CLI, its stderr (absl's progress lines) passed through, its stdout kept. On
+    Ctrl-C the CLI (in the same process group) gets the SIGINT too: the train CLI saves a
+    checkpoint and exits, which is waited for before the KeyboardInterrupt goes on."""
     log(" ".join(shlex.quote(a) for a in argv))
-    return subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate()
+    except KeyboardInterrupt:
+        log("interrupted: waiting for it to save and exit")
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out)
 
 
 def run_point(sweep: Sweep, i: int, root: Path, log=print) -> dict:
@@ -337,7 +346,11 @@ def main(argv) -> None:
             for i in range(len(sweep.points)):
                 print(" ".join(shlex.quote(a) for a in sweep.train_command(i, root)))
             return
-        rows = run_sweep(sweep, root, log=lambda m: print(m, flush=True))
+        try:
+            rows = run_sweep(sweep, root, log=lambda m: print(m, flush=True))
+        except KeyboardInterrupt:
+            print("sweep interrupted: the same command resumes it", file=sys.stderr)
+            sys.exit(130)
     if any(r["status"] != "done" for r in rows):
         sys.exit(1)
 
