@@ -213,6 +213,28 @@ def test_digits_yardstick_scores_the_real_digits_as_their_own_floor(workdir, cac
     assert score["ratio_to_data"] == pytest.approx(1.0)
 
 
+def test_memorization_is_zero_for_copies_and_one_for_the_test_split(workdir, tmp_path):
+    """--metric=memorization: training images themselves are all near copies at distance 0;
+    the test split scores its own mean nearest-training distance (ratio 1), recomputed here by
+    brute force."""
+    config = tiny_config()
+    train = np.stack([e["image"] for e in data.create_source(config.data, "train")])
+    test = np.stack([e["image"] for e in data.create_source(config.data, "test")])
+    np.savez(tmp_path / "copies.npz", images=train[:200])
+    copies = evaluate_samples(workdir, "memorization", samples=tmp_path / "copies.npz")
+    # The expanded |a|^2 - 2ab + |b|^2 leaves ~1e-8 of rounding; one grey level is 1/255.
+    assert copies["value"] < 1e-6 and copies["ratio_to_held_out"] < 1e-6
+    assert copies["near_copy_fraction"] == 1.0
+    np.savez(tmp_path / "test.npz", images=test)
+    record = evaluate_samples(workdir, "memorization", samples=tmp_path / "test.npz")
+    gaps = test.reshape(len(test), 1, -1) / 255.0 - train.reshape(1, len(train), -1) / 255.0
+    want = np.sqrt((gaps**2).sum(-1)).min(1).mean()
+    assert record["value"] == pytest.approx(want, rel=1e-9)
+    assert record["held_out"] == pytest.approx(want, rel=1e-9)
+    assert record["ratio_to_held_out"] == pytest.approx(1.0)
+    assert record["near_copy_fraction"] == 0.0  # none is nearer than the nearest test image
+
+
 def test_several_metrics_score_one_sampling(workdir, cache_dir):
     """--metric=fid,fd,is: one sampling scored by each, the same records as one metric at a
     time (the samples depend only on the seed)."""
@@ -249,7 +271,8 @@ def test_evaluate_errors(workdir, cache_dir, tmp_path):
     proc = run_cli("evaluate", f"--workdir={workdir}", "--metric=bpd")
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "error: --metric='bpd': expected one of nll, fid, fd, is, psnr, ssim, class_accuracy"
+        "error: --metric='bpd': expected one of nll, fid, fd, is, memorization, psnr, ssim, "
+        "class_accuracy"
     )
 
 

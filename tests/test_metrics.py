@@ -19,6 +19,7 @@ from diffusion_jax.metrics import (
     get_digits_classifier,
     inception_score,
     load_statistics,
+    nearest_neighbour_distances,
     save_statistics,
 )
 from diffusion_jax.metrics.cache import default_cache_dir
@@ -259,3 +260,20 @@ def test_digits_inputs_are_checked(digits_cache):
     _, variables = digits_cache
     with pytest.raises(ValueError, match=r"uint8 digits images \(N, 8, 8, 1\)"):
         digits_features(variables, np.zeros((2, 8, 8, 1), np.float32))
+
+
+def test_nearest_neighbour_distances_match_scipy_in_any_chunking():
+    """Distances in [0, 1] intensity units (uint8 / 255), the same for every chunk size and for
+    float input; a shape mismatch is refused."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (37, 4, 4, 2), dtype=np.uint8)
+    refs = rng.integers(0, 256, (53, 4, 4, 2), dtype=np.uint8)
+    want = cdist(x.reshape(37, -1) / 255.0, refs.reshape(53, -1) / 255.0).min(1)
+    for chunk in (1, 8, 256):
+        got = nearest_neighbour_distances(x, refs, chunk=chunk)
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    np.testing.assert_allclose(nearest_neighbour_distances(x / 255.0, refs / 255.0), want)
+    with pytest.raises(ValueError, match="differ"):
+        nearest_neighbour_distances(x, refs[:, :2])

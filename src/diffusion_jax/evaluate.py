@@ -87,11 +87,12 @@ from diffusion_jax.sample import (
 )
 from diffusion_jax.workdir import load_config, load_workdir
 
-METRICS = ("nll", "fid", "fd", "is", "psnr", "ssim", "class_accuracy")
+METRICS = ("nll", "fid", "fd", "is", "memorization", "psnr", "ssim", "class_accuracy")
 IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim}  # (x, y, data_range) -> (N,)
 BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 REFERENCE_SPLIT = "train"
 DATA_SPLIT = "all"  # the digits' yardstick (fd, data_is): every real digit
+HELD_OUT_SPLIT = "test"  # memorization: real images the model never saw, against the train split
 FLOOR_PARTITIONS = 10  # random halvings of the real digits averaged into the fd floor
 DEFAULT_NUM_SAMPLES = 10_000
 IS_SPLITS = 10
@@ -388,7 +389,8 @@ def _check_count(metric: str, n: int, network: FeatureNetwork) -> None:
         )
 
 
-SAMPLE_METRICS = ("fid", "fd", "is")  # scores of a set of images, several from one sampling
+# Scores of a set of images, several from one sampling.
+SAMPLE_METRICS = ("fid", "fd", "is", "memorization")
 
 
 def evaluate_samples(workdir, metric: str, **kwargs) -> dict:
@@ -438,7 +440,7 @@ def evaluate_sample_metrics(
         record = dict(
             _score(config, images, **plan),
             num_samples=n,
-            feature_network=plan["network"].name,
+            feature_network=plan["network"].name if plan["network"] else None,
             samples=None if samples is None else str(samples),
             # The samples' provenance (None for a file written without one).
             **{k: made.get(k) for k in ("sampler", "steps", "eta", "guidance", "seed", "step")},
@@ -453,6 +455,18 @@ def evaluate_sample_metrics(
 def _plan_metric(config, metric: str, n: int) -> dict:
     """The feature network, reference statistics and digits yardstick that `metric` of n images
     needs, or UserError before anything is sampled."""
+    if metric == "memorization":
+        train = _source(config, REFERENCE_SPLIT)
+        held_out = _source(config, HELD_OUT_SPLIT)
+        return dict(
+            metric=metric,
+            network=None,
+            split=REFERENCE_SPLIT,
+            reference=np.concatenate(list(_batches(train, len(train), FEATURE_CHUNK))),
+            yardstick=dict(
+                held_out=np.concatenate(list(_batches(held_out, len(held_out), FEATURE_CHUNK)))
+            ),
+        )
     network = feature_network(config, metric)
     digits = network.logits is not None and config.data.dataset == "digits"
     if metric == "fd" and not digits:
@@ -473,6 +487,8 @@ def _plan_metric(config, metric: str, n: int) -> dict:
 
 def _score(config, images, *, metric, network, split, reference, yardstick) -> dict:
     n = len(images)
+    if metric == "memorization":
+        return _memorization(config, images, reference, yardstick["held_out"])
     if reference is None:
         value, std = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
         name = f"is@{n} samples ({IS_SPLITS} splits), {network.description} class probabilities"
@@ -504,6 +520,28 @@ def _score(config, images, *, metric, network, split, reference, yardstick) -> d
             ),
         )
     return record
+
+
+def _memorization(config, images, train, held_out) -> dict:
+    """Mean pixel distance (intensities in [0, 1]) from each sample to its nearest training
+    image, beside the same for the held-out split's real images: a ratio below 1 means the
+    samples sit closer to the training data than unseen data does (copies). near_copy_fraction:
+    the samples nearer a training image than every held-out image is."""
+    samples = metrics.nearest_neighbour_distances(images, train)
+    real = metrics.nearest_neighbour_distances(held_out, train)
+    name = (
+        f"memorization@{len(images)} samples: mean L2 distance to the nearest of "
+        f"{len(train)} {config.data.dataset} {REFERENCE_SPLIT} images"
+    )
+    return dict(
+        metric="memorization",
+        name=name,
+        value=float(samples.mean()),
+        held_out=float(real.mean()),
+        held_out_name=f"the same for the {len(held_out)} {HELD_OUT_SPLIT} images",
+        ratio_to_held_out=float(samples.mean() / real.mean()),
+        near_copy_fraction=float(np.mean(samples < real.min())),
+    )
 
 
 # --- class_accuracy ------------------------------------------------------------------------
@@ -713,9 +751,9 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "metric",
         None,
-        "nll (bits/dim on --split), fid, fd (digits), is or class_accuracy (of samples), "
-        "psnr or ssim "
-        "(samples against --reference).",
+        "nll (bits/dim on --split), fid, fd (digits), is, memorization (nearest training "
+        "image, against the test split's) or class_accuracy (of samples), psnr or ssim "
+        "(samples against --reference); several of fid,fd,is,memorization score one sampling.",
     )
     flags.DEFINE_string(
         "reference",

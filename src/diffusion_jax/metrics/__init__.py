@@ -1,6 +1,7 @@
 """Sample-quality metrics: FID and Inception Score, with InceptionV3 (natural images) or a small
 digits classifier (the embedded 8x8 digits) as the feature network; PSNR and SSIM against
-reference images (`image_quality`).
+reference images (`image_quality`); nearest-neighbour distances to the training data
+(`memorization`).
 
 The Inception weights are converted once with `python -m diffusion_jax.metrics.convert_inception`
 (that module needs torch and is not imported here).
@@ -25,6 +26,7 @@ from diffusion_jax.metrics.inception import (
     inception_logits,
     load_inception_params,
 )
+from diffusion_jax.metrics.memorization import nearest_neighbour_distances
 
 __all__ = [
     "InceptionV3",
@@ -38,6 +40,7 @@ __all__ = [
     "inception_score",
     "load_inception_params",
     "load_statistics",
+    "nearest_neighbour_distances",
     "psnr",
     "save_statistics",
     "ssim",
