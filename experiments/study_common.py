@@ -57,12 +57,12 @@ class Study:
             raise SystemExit(f"{self.name}: points failed: {', '.join(failed)}")
         return rows
 
-    def default_workdir(self) -> Path:
-        """The workdir of configs/ddpm_digits.py as the README trains it (the sweep `digits`),
-        beside the study's root (runs/studies/digits), shared by the studies that evaluate
-        one checkpoint."""
-        root = self.root.parent / ("digits_quick" if self.quick else "digits")
-        sweep = sweep_lib.Sweep(SWEEPS / "digits.py", quick=self.quick)
+    def default_workdir(self, sweep_name: str = "digits") -> Path:
+        """The workdir of the one-point sweep `sweep_name` (`digits`: configs/ddpm_digits.py:short,
+        shared by the studies that evaluate one checkpoint; `default`: the README's config),
+        trained if absent beside the study's root (runs/studies/<sweep_name>)."""
+        root = self.root.parent / (sweep_name + ("_quick" if self.quick else ""))
+        sweep = sweep_lib.Sweep(SWEEPS / f"{sweep_name}.py", quick=self.quick)
         sweep.evaluations = []  # the studies score it themselves
         sweep_lib.run_sweep(sweep, root, log=self.log)
         return root / "base"

@@ -20,6 +20,7 @@ STUDIES = {
     "ddim": (10, ["FD", "IS", "diversity"]),
     "one_step": (7, ["IS", "sharpness"]),
     "guidance": (8, ["accuracy", "FD"]),
+    "digits_table": (4, ["FD", "FD / floor", "IS", "IS / data", "NN / test"]),
 }
 
 

@@ -1,10 +1,10 @@
 """What the digits sweeps share: their evaluations, and the smoke-run settings of --quick."""
 
 # FD and class IS of 1,000 samples (the config's sampler: DDIM, 50 steps) against the training
-# digits in the digits classifier's features; bits/dim of the 360 test digits (the full bound).
+# digits in the digits classifier's features; bits/dim of the 300 test digits (the full bound).
 EVALUATE = [
     {"metric": "fid,is", "num_samples": 1000},  # one sampling, a column each
-    {"metric": "nll", "num_samples": 360, "name": "test_bpd"},
+    {"metric": "nll", "num_samples": 300, "name": "test_bpd"},
 ]
 
 # A one-level UNet, T = 100, 8 steps, 100 samples: each point compiles and runs in seconds.

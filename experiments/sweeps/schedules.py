@@ -6,7 +6,7 @@ from _digits import EVALUATE, QUICK  # noqa: F401  (the sweep CLI reads them)
 
 from diffusion_jax.sweep import zipped
 
-CONFIG = "configs/ddpm_digits.py"
+CONFIG = "configs/ddpm_digits.py:short"
 
 
 def get_points():

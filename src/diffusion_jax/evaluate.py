@@ -320,28 +320,48 @@ def reference_statistics(
     return mu, sigma, len(source)
 
 
-def data_yardstick(config, network: FeatureNetwork) -> dict:
-    """The real digits scored like samples: the FD floor (mean and std over FLOOR_PARTITIONS
-    seeded random halvings of all the digits, FD of one half against the other) and their
-    class IS (IS_SPLITS splits)."""
+def data_yardstick(config, network: FeatureNetwork, n: int) -> dict:
+    """The real digits scored like n samples, each comparison between sets of equal sizes (FD
+    and IS are biased by the sample count, so a ratio between unequal ones would be off).
+
+    FD floor: for FLOOR_PARTITIONS seeded random halvings (A, B) of all the digits, FD between
+    m = min(n, |A|) images of A and the whole of B (mean and std over the halvings); the samples
+    are scored against the same B halves with m of them (`_matched_fd`). data_is: the class IS
+    (IS_SPLITS splits) of min(n, all) real digits drawn at random, mean over FLOOR_PARTITIONS
+    draws, so that its splits hold as many images as the samples' do."""
     source = _source(config, DATA_SPLIT)
     images = np.concatenate(list(_batches(source, len(source), FEATURE_CHUNK)))
-    features = network.features(images)
-    floors = []
+    features, logits = network.features(images), network.logits(images)
+    floors, held_out, draws = [], [], []
+    m = min(n, (len(images) + 1) // 2)
     for seed in range(FLOOR_PARTITIONS):
         order = np.random.default_rng(seed).permutation(len(images))
-        a, b = np.array_split(features[order], 2)
-        floors.append(
-            metrics.frechet_distance(*metrics.feature_statistics(a), *metrics.feature_statistics(b))
-        )
-    data_is, _ = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
+        a, b = np.array_split(order, 2)
+        ref = metrics.feature_statistics(features[b])
+        floors.append(metrics.frechet_distance(*metrics.feature_statistics(features[a[:m]]), *ref))
+        held_out.append(ref)
+        draw = order[: min(n, len(images))]
+        draws.append(metrics.inception_score(logits[draw], IS_SPLITS, from_logits=True)[0])
     return dict(
         floor=float(np.mean(floors)),
         floor_std=float(np.std(floors)),
-        floor_halves=[len(a), len(b)],
-        data_is=float(data_is),
+        floor_sizes=[m, len(b)],
+        held_out=held_out,
+        data_is=float(np.mean(draws)),
+        data_is_size=min(n, len(images)),
         num_data=len(images),
     )
+
+
+def _matched_fd(features: np.ndarray, yardstick: dict) -> float:
+    """Mean over the floor's halvings of FD(m of the samples, drawn with the halving's seed, B):
+    the samples' counterpart of the floor."""
+    m = yardstick["floor_sizes"][0]
+    scores = []
+    for seed, ref in enumerate(yardstick["held_out"]):
+        pick = np.random.default_rng(seed).permutation(len(features))[:m]
+        scores.append(metrics.frechet_distance(*metrics.feature_statistics(features[pick]), *ref))
+    return float(np.mean(scores))
 
 
 def load_samples(path) -> tuple[np.ndarray, dict | None]:
@@ -464,7 +484,7 @@ def _plan_metric(config, metric: str, n: int) -> dict:
             split=REFERENCE_SPLIT,
             reference=np.concatenate(list(_batches(train, len(train), FEATURE_CHUNK))),
             yardstick=dict(
-                held_out=np.concatenate(list(_batches(held_out, len(held_out), FEATURE_CHUNK)))
+                test_images=np.concatenate(list(_batches(held_out, len(held_out), FEATURE_CHUNK)))
             ),
         )
     network = feature_network(config, metric)
@@ -481,14 +501,14 @@ def _plan_metric(config, metric: str, n: int) -> dict:
         network=network,
         split=split,
         reference=reference_statistics(config, network, split) if split else None,
-        yardstick=data_yardstick(config, network) if digits and metric != "fid" else {},
+        yardstick=data_yardstick(config, network, n) if digits and metric != "fid" else {},
     )
 
 
 def _score(config, images, *, metric, network, split, reference, yardstick) -> dict:
     n = len(images)
     if metric == "memorization":
-        return _memorization(config, images, reference, yardstick["held_out"])
+        return _memorization(config, images, reference, yardstick["test_images"])
     if reference is None:
         value, std = metrics.inception_score(network.logits(images), IS_SPLITS, from_logits=True)
         name = f"is@{n} samples ({IS_SPLITS} splits), {network.description} class probabilities"
@@ -497,10 +517,14 @@ def _score(config, images, *, metric, network, split, reference, yardstick) -> d
             record.update(
                 ratio_to_data=value / yardstick["data_is"],
                 data_is=yardstick["data_is"],
-                data_is_name=f"IS of the {yardstick['num_data']} real digits ({IS_SPLITS} splits)",
+                data_is_name=(
+                    f"IS of {yardstick['data_is_size']} of the {yardstick['num_data']} real "
+                    f"digits ({IS_SPLITS} splits), mean of {FLOOR_PARTITIONS} random draws"
+                ),
             )
         return record
-    mu, sigma = metrics.feature_statistics(network.features(images))
+    features = network.features(images)
+    mu, sigma = metrics.feature_statistics(features)
     ref_mu, ref_sigma, num_refs = reference
     name = (
         f"{metric}@{n} samples vs {config.data.dataset} {split} ({num_refs} refs), "
@@ -509,15 +533,18 @@ def _score(config, images, *, metric, network, split, reference, yardstick) -> d
     value = metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)
     record = dict(metric=metric, name=name, value=value)
     if metric == "fd":
-        halves = yardstick["floor_halves"]
+        m, b = yardstick["floor_sizes"]
+        matched = _matched_fd(features, yardstick)
         record.update(
-            ratio_to_floor=value / yardstick["floor"],
+            matched=matched,
+            matched_name=f"FD of {m} of the samples vs the same {b} real digits as the floor's",
             floor=yardstick["floor"],
             floor_std=yardstick["floor_std"],
             floor_name=(
-                f"FD between random halves ({halves[0]} vs {halves[1]}) of the "
-                f"{yardstick['num_data']} real digits, mean of {FLOOR_PARTITIONS} halvings"
+                f"FD of {m} real digits vs {b} others (random halvings of the "
+                f"{yardstick['num_data']}), mean of {FLOOR_PARTITIONS} halvings"
             ),
+            ratio_to_floor=matched / yardstick["floor"],
         )
     return record
 
