@@ -128,23 +128,32 @@ def _x_T():
     return np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
 
 
+@pytest.mark.parametrize(
+    "sampler, algorithm",
+    [("dpm_solver++2m", "dpmsolver++"), ("sde_dpm_solver++2m", "sde-dpmsolver++")],
+)
 @pytest.mark.parametrize("num_steps", [5, 10, 20])
-def test_dpm_solver_2m_chain_equals_dpm_solver_multistep_scheduler(num_steps):
+def test_dpm_solver_2m_chain_equals_dpm_solver_multistep_scheduler(num_steps, sampler, algorithm):
     ref = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
-    )  # defaults: dpmsolver++, order 2, midpoint, lower_order_final, final sigma 0, linspace
+        num_train_timesteps=T,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        algorithm_type=algorithm,
+    )  # defaults: order 2, midpoint, lower_order_final, final sigma 0, linspace
     ref.set_timesteps(num_steps)
     kept = samplers.dpm_solver_timesteps(T, num_steps)
     np.testing.assert_array_equal(ref.timesteps.numpy(), kept[::-1])
     s = schedules.make_schedule("linear", T)
-    padded = samplers.prepare_schedule(s, num_steps, "dpm_solver++2m")
+    padded = samplers.prepare_schedule(s, num_steps, sampler)
     x_T = _x_T()
-    ours = _our_chain(
-        padded, num_steps, x_T, jax.random.key(0), sampler="dpm_solver++2m", clip_denoised=False
-    )
+    key = jax.random.key(0)
+    ours = _our_chain(padded, num_steps, x_T, key, sampler=sampler, clip_denoised=False)
     model, x = _model(), torch.from_numpy(x_T)
     for i, timestep in enumerate(ref.timesteps):
-        x = ref.step(_their(model, x, timestep), timestep, x).prev_sample
+        # The SDE form's noise: ours of the same chain index, handed to diffusers' step.
+        noise = torch.from_numpy(_step_noise(key, num_steps - 1 - i))
+        x = ref.step(_their(model, x, timestep), timestep, x, variance_noise=noise).prev_sample
         # float32 both sides; diffusers' alpha_bar is a float32 cumprod (up to 1e-4 relative
         # off ours, built in float64), and x_0 = (x - sigma eps) / alpha amplifies rounding by
         # up to 1 / alpha_T = 160: measured 2e-6 at worst here, 5e-6 over the DDPM and DDIM

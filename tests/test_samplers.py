@@ -47,6 +47,23 @@ def test_ddim_1000_steps_reproduces_the_data_distribution(s, eps_fn):
     _assert_gaussian(x, MU, SD, 0.03)
 
 
+def test_sde_dpm_solver_2m_converges_to_the_data_distribution(s, eps_fn):
+    """SDE-DPM-Solver++(2M) with the exact eps of N(MU, SD^2): at 200 steps (measured: std
+    0.502, 2.2% high at 50 steps, 4% low at 20) the sampling error ~0.3% and the
+    discretisation's ~0.5% leave it within 2% of the data; its exact coefficients are pinned by
+    tests/test_interop_schedulers.py against diffusers."""
+    x = samplers.sample(
+        eps_fn,
+        s,
+        SHAPE,
+        jax.random.key(3),
+        sampler="sde_dpm_solver++2m",
+        num_steps=200,
+        clip_denoised=False,
+    )
+    _assert_gaussian(x, MU, SD, 0.02)
+
+
 def test_ddim_eta_one_equals_ddpm_with_posterior_variance_on_the_same_steps(s, eps_fn):
     kw = dict(num_steps=50, clip_denoised=False)
     key = jax.random.key(2)
@@ -292,7 +309,10 @@ class _GaussianModel:
         return self.eps_fn(x_t, t)
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm_solver++2m", 0.0)])
+@pytest.mark.parametrize(
+    "sampler, eta",
+    [("ddpm", 0.0), ("ddim", 0.5), ("dpm_solver++2m", 0.0), ("sde_dpm_solver++2m", 0.0)],
+)
 def test_sample_i_is_the_same_at_any_batch_size_and_device_count(s, eps_fn, sampler, eta):
     config = ml_collections.ConfigDict(
         dict(

@@ -20,7 +20,7 @@ STUDIES = {
     "ddim": (10, ["FD", "IS", "diversity"]),
     "one_step": (7, ["IS", "sharpness"]),
     "guidance": (8, ["accuracy", "FD"]),
-    "digits_table": (4, ["FD", "FD / floor", "IS", "IS / data", "NN / test"]),
+    "digits_table": (5, ["FD", "FD / floor", "IS", "IS / data", "NN / test"]),
 }
 
 

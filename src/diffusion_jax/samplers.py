@@ -17,6 +17,7 @@ number of devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -180,6 +181,7 @@ def dpm_solver_2m_step(
     clip_denoised: bool = True,
     cond_grad=None,
     guidance_form: str = "eps",
+    stochastic: bool = False,
 ):
     """One DPM-Solver++(2M) step from index t to index t-1 of `s` (Lu et al. 2022, Alg. 2).
 
@@ -190,9 +192,15 @@ def dpm_solver_2m_step(
     step, with no x0_prev, and the last, to sigma = 0 (abar_prev = 1 at t = 0, where h is
     infinite), are first order: D = x0_s. This is diffusers' DPMSolverMultistepScheduler with
     solver_order=2, solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero".
-    Deterministic: noise and eta are unused. Returns (x_prev, pred_x0, state).
+    Deterministic: noise and eta are unused.
+
+    stochastic=True is SDE-DPM-Solver++(2M) (Lu et al. 2022, Sec. 5 and App. C; diffusers'
+    algorithm_type="sde-dpmsolver++"), the same D on the reverse SDE instead of the ODE:
+    x_u = (sigma_u / sigma_s) e^{-h} x_s + alpha_u (1 - e^{-2h}) D + sigma_u sqrt(1 - e^{-2h}) z,
+    with z the step's noise (x_u = D on the last step, where h is infinite).
+    Returns (x_prev, pred_x0, state).
     """
-    del noise, eta
+    del eta
     out = guided_mean_variance(
         s,
         model_output,
@@ -214,7 +222,11 @@ def dpm_solver_2m_step(
     half_over_r = jnp.where(second_order, 0.5 * h / jnp.where(second_order, state["h"], 1.0), 0.0)
     d = (1.0 + half_over_r) * pred_x0 - half_over_r * state["pred_x0"]
     ratio = sigma_u / sigma_s
-    x_prev = ratio * x_t + (alpha_u - alpha_s * ratio) * d
+    if stochastic:
+        kept = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}: 1 on the last step
+        x_prev = ratio * jnp.exp(-h) * x_t + alpha_u * kept * d + sigma_u * jnp.sqrt(kept) * noise
+    else:
+        x_prev = ratio * x_t + (alpha_u - alpha_s * ratio) * d
     return x_prev, pred_x0, {"pred_x0": pred_x0, "h": h}
 
 
@@ -259,6 +271,12 @@ SAMPLERS = {
     "ddim": StepMethod(ddim_step, no_state, uses_noise=True),
     "dpm_solver++2m": StepMethod(
         dpm_solver_2m_step, dpm_solver_2m_state, uses_noise=False, timesteps=dpm_solver_timesteps
+    ),
+    "sde_dpm_solver++2m": StepMethod(
+        functools.partial(dpm_solver_2m_step, stochastic=True),
+        dpm_solver_2m_state,
+        uses_noise=True,
+        timesteps=dpm_solver_timesteps,
     ),
 }
 
