@@ -29,7 +29,7 @@ def run_script(script, tmp_path, *args):
 
 
 def run_bench(script, tmp_path, *args):
-    common = ("--config=configs/ddpm_digits.py", "--repeats=1", "--vs-diffusers")
+    common = ("--config=configs/ddpm_digits.py:short", "--repeats=1", "--vs-diffusers")
     stdout, rows = run_script(script, tmp_path, *common, *args)
     assert "matmul ceiling" in stdout and "ours/torch" in stdout
     return rows

@@ -65,7 +65,7 @@ def test_logits_shape_and_the_unet_encoder_parameters(pool):
     logits = jax.eval_shape(lambda p: model.apply({"params": p}, x, t), params)
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
     # The encoder is the digits UNet's own blocks: same names, same shapes.
-    unet_config = load_config("configs/ddpm_digits.py")
+    unet_config = load_config("configs/ddpm_digits.py:short")
     unet = models.create_model(training.model_config(unet_config))
     unet_params = jax.eval_shape(unet.init, jax.random.key(0), x, t)["params"]
     shapes = lambda tree: {k: v.shape for k, v in traverse_util.flatten_dict(tree).items()}
@@ -240,7 +240,7 @@ def test_bad_classifier_configs_are_one_clear_error(overrides, match):
 
 
 def test_an_objective_refuses_a_model_it_does_not_train():
-    config = load_config("configs/ddpm_digits.py")
+    config = load_config("configs/ddpm_digits.py:short")
     config.training.objective = "classifier"
     with pytest.raises(
         ConfigError,
@@ -273,7 +273,7 @@ def _init_args(model):
 
 def test_load_classifier_returns_the_ema_classifier_and_refuses_another_image_size(tmp_path):
     _, state = _classifier_workdir(tmp_path / "clf")
-    digits = load_config("configs/ddpm_digits.py")
+    digits = load_config("configs/ddpm_digits.py:short")
     apply, params, config = workdir_lib.load_classifier(tmp_path / "clf", digits)
     assert config.training.objective == "classifier"
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params), strict=True):
@@ -286,10 +286,10 @@ def test_load_classifier_returns_the_ema_classifier_and_refuses_another_image_si
         ("diffusion.num_timesteps", 500),
         ("diffusion.schedule", "cosine"),
     ]:
-        other = override(load_config("configs/ddpm_digits.py"), {field: value})
+        other = override(load_config("configs/ddpm_digits.py:short"), {field: value})
         with pytest.raises(UserError, match=f"trained with config.{field}="):
             workdir_lib.load_classifier(tmp_path / "clf", other)
-    conditional = load_config("configs/ddpm_digits.py")
+    conditional = load_config("configs/ddpm_digits.py:short")
     conditional.model.num_classes = 3
     with pytest.raises(
         UserError, match="has 2 classes but the diffusion model has model.num_classes=3"
@@ -306,14 +306,15 @@ def test_a_classifier_workdir_is_not_loaded_as_a_diffusion_model(tmp_path):
 
 
 def test_load_classifier_refuses_a_diffusion_workdir_before_reading_checkpoints(tmp_path):
-    workdir_lib.write_config(tmp_path, load_config("configs/ddpm_digits.py"))  # no checkpoints
+    # A diffusion workdir without checkpoints.
+    workdir_lib.write_config(tmp_path, load_config("configs/ddpm_digits.py:short"))
     with pytest.raises(UserError, match="training.objective='diffusion', not 'classifier'"):
         workdir_lib.load_classifier(tmp_path)
     workdir_lib.write_config(tmp_path, load_config("configs/classifier_digits.py"))
-    small = override(load_config("configs/ddpm_digits.py"), {"data.image_size": 16})
+    small = override(load_config("configs/ddpm_digits.py:short"), {"data.image_size": 16})
     with pytest.raises(UserError, match="data.image_size=8 but the diffusion model has 16"):
         workdir_lib.load_classifier(tmp_path, small)
     with pytest.raises(UserError, match="no checkpoint"):
         workdir_lib.load_classifier(
-            tmp_path, config_dict.ConfigDict(load_config("configs/ddpm_digits.py").to_dict())
+            tmp_path, config_dict.ConfigDict(load_config("configs/ddpm_digits.py:short").to_dict())
         )

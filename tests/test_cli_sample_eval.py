@@ -29,7 +29,8 @@ NUM_TIMESTEPS = 25
 
 
 def tiny_config():
-    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "ddpm_digits.py"))
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "ddpm_digits.py")
+    config = load_config(f"{path}:short")
     config.model.update(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=8)
     config.diffusion.num_timesteps = NUM_TIMESTEPS
     config.training.update(batch_size=8, num_train_steps=3, sample_every=0, checkpoint_every=3)

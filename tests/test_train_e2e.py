@@ -104,8 +104,14 @@ BAD_CONFIGS = [
     ({"training.nan_policy": "ignore"}, ["nan_policy", "'ignore'", "'skip'"]),
     ({"sampling.sampler": "euler"}, ["sampling.sampler", "'euler'", "'ddim'"]),
     ({"diffusion.num_timesteps": 1}, ["num_timesteps", "=1 ", ">= 2"]),
-    ({"diffusion.num_timesteps": 10}, ["num_timesteps", "=10 ", "betas outside (0, 1)"]),
-    ({"diffusion.num_timesteps": 20}, ["num_timesteps", "=20 ", "betas outside (0, 1)"]),
+    (
+        {"diffusion.schedule": "linear", "diffusion.num_timesteps": 10},
+        ["num_timesteps", "=10 ", "betas outside (0, 1)"],
+    ),
+    (
+        {"diffusion.schedule": "linear", "diffusion.num_timesteps": 20},
+        ["num_timesteps", "=20 ", "betas outside (0, 1)"],
+    ),
     ({"diffusion.schedule": "jsd"}, ["num_timesteps", "alpha_bar > 0"]),
     ({"training.batch_size": 0}, ["training.batch_size", "=0 ", ">= 1"]),
     ({"training.batch_size": -8}, ["training.batch_size", "=-8 ", ">= 1"]),
