@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from train_harness import (
+    BASE_VARIANT,
     assert_states_equal,
     checkpoint_steps,
     cli_command,
@@ -198,8 +199,10 @@ def test_cli_without_workdir_trains_in_runs_named_after_the_config(tmp_path):
         command, env=cli_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"workdir: runs/ddpm_digits$", result.stderr, re.MULTILINE), result.stderr
-    assert checkpoint_steps(tmp_path / "runs" / "ddpm_digits") == [1]
+    # The config file's name and its variant (the harness trains configs/ddpm_digits.py:short).
+    name = f"ddpm_digits_{BASE_VARIANT}"
+    assert re.search(rf"workdir: runs/{name}$", result.stderr, re.MULTILINE), result.stderr
+    assert checkpoint_steps(tmp_path / "runs" / name) == [1]
 
 
 @pytest.mark.parametrize(
