@@ -124,6 +124,32 @@ def test_p_mean_variance_with_the_true_target_is_the_posterior(s, parameterizati
     np.testing.assert_allclose(out["pred_eps"], eps, atol=1e-3)
 
 
+def test_a_mean_model_keeps_its_training_steps_meaning_on_a_respaced_schedule(s):
+    # A mu-model outputs the posterior mean of its training step k -> k-1. On a schedule
+    # respaced to every 10th step, index i stands for step k = 10 i + 9 and the chain's step
+    # goes to k - 10: x_0 must come from the training step's coefficients (model_mean_coef),
+    # and the chain's mean is then the respaced posterior's.
+    sub = schedules.respace(s, np.arange(9, 1000, 10))
+    key = jax.random.key(3)
+    x0 = jax.random.uniform(key, (3, 2, 2, 1), minval=-0.9, maxval=0.9)
+    eps = jax.random.normal(jax.random.fold_in(key, 1), x0.shape)
+    i = jnp.array([0, 30, 99])
+    k = sub.timesteps[i]
+    xt = diffusion.q_sample(s, x0, k, eps)
+    np.testing.assert_allclose(diffusion.q_sample(sub, x0, i, eps), xt, atol=1e-6)
+    trained_mean = diffusion.training_target(s, x0, eps, k, "mu")  # what the model outputs
+    out = diffusion.p_mean_variance(
+        sub, trained_mean, xt, i, parameterization="mu", var_type="fixed_small", clip_denoised=False
+    )
+    # x_0 through coef1 ~ 1e-4 at k = 999: float32 rounding of the mean (~1e-7) / 1e-4.
+    np.testing.assert_allclose(out["pred_x0"], x0, atol=5e-3)
+    np.testing.assert_allclose(
+        out["mean"], diffusion.q_posterior_mean_variance(sub, x0, xt, i)[0], atol=5e-3
+    )
+    np.testing.assert_allclose(sub.model_mean_coef1, s.posterior_mean_coef1[sub.timesteps])
+    assert not np.allclose(sub.posterior_mean_coef1, sub.model_mean_coef1)  # respacing matters
+
+
 def test_variance_types(s):
     x = jnp.zeros((3, 2, 2, 1))
     t = jnp.array([0, 10, 999])
@@ -282,7 +308,7 @@ def test_vb_terms_equal_their_closed_form_for_the_optimal_gaussian_model():
         (
             dict(parameterization="score"),
             [1, 2],
-            "parameterization must be one of 'eps', 'x0', 'v'",
+            "parameterization must be one of 'eps', 'x0', 'v', 'mu'",
         ),
         (dict(var_type="learned"), [1, 2], "var_type must be one of"),
         (dict(loss_type="l1"), [1, 2], "loss_type must be one of"),
@@ -311,7 +337,9 @@ def _toy_output(xt_scaled, t, parameterization, var_type, xp):
     plus, for learned_range, a variance channel 0.6 tanh(x_t) in (-1, 1). At t = 0 each puts
     the decoder mean within ~5 decoder sigmas of x_0, where float64 CDF differences are exact
     to ~1e-9 relative."""
-    gain, bias = {"eps": (0.5, 0.05), "x0": (0.97, 0.01), "v": (-0.4, 0.05)}[parameterization]
+    gain, bias = {"eps": (0.5, 0.05), "x0": (0.97, 0.01), "v": (-0.4, 0.05), "mu": (0.98, 0.01)}[
+        parameterization
+    ]
     mean_part = gain * xt_scaled + bias
     if var_type != "learned_range":
         return mean_part
@@ -334,16 +362,18 @@ def _bound_terms_float64(betas, x0, noises, parameterization, var_type, clip):
         xt = np.sqrt(abar[t]) * x0 + np.sqrt(1 - abar[t]) * noise
         out = _toy_output(xt, t, parameterization, var_type, np)
         mean_out = out[..., : x0.shape[-1]]
+        coef1 = b[t] * np.sqrt(abar_prev[t]) / (1 - abar[t])
+        coef2 = (1 - abar_prev[t]) * np.sqrt(1 - b[t]) / (1 - abar[t])
         if parameterization == "eps":
             pred_x0 = (xt - np.sqrt(1 - abar[t]) * mean_out) / np.sqrt(abar[t])
         elif parameterization == "v":
             pred_x0 = np.sqrt(abar[t]) * xt - np.sqrt(1 - abar[t]) * mean_out
+        elif parameterization == "mu":  # the output is the mean coef1 x0 + coef2 x_t itself
+            pred_x0 = (mean_out - coef2 * xt) / coef1
         else:
             pred_x0 = mean_out
         if clip:
             pred_x0 = np.clip(pred_x0, -1, 1)
-        coef1 = b[t] * np.sqrt(abar_prev[t]) / (1 - abar[t])
-        coef2 = (1 - abar_prev[t]) * np.sqrt(1 - b[t]) / (1 - abar[t])
         mean = coef1 * pred_x0 + coef2 * xt
         if var_type == "fixed_small":
             log_var = np.full_like(x0, post_log_var[t])
@@ -382,6 +412,8 @@ def _bound_terms_float64(betas, x0, noises, parameterization, var_type, clip):
         ("x0", "fixed_small", False),
         ("v", "learned_range", True),
         ("x0", "learned_range", False),
+        ("mu", "fixed_large", False),
+        ("mu", "fixed_small", True),
     ],
 )
 def test_calc_bpd_equals_an_independent_float64_bound(parameterization, var_type, clip):

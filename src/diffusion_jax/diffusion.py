@@ -48,6 +48,16 @@ def check_options(
             )
     if parameterization is not None:
         check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        if (
+            noise_conditioning is not None
+            and NOISE_CONDITIONINGS[noise_conditioning].of_level is not None
+            and PARAMETERIZATIONS[parameterization].steps_only
+        ):
+            raise ValueError(
+                f"parameterization {parameterization!r} predicts a quantity of the training "
+                "schedule's steps, not of a continuous level: use noise_conditioning "
+                "'timestep', or parameterization 'eps', 'x0' or 'v'"
+            )
     if var_type is not None:
         check_choice("var_type", var_type, VAR_TYPES)
     if loss_type is not None:
@@ -175,6 +185,21 @@ def _x0_from_x0(s: Schedule, x_t, t, x0):
     return x0
 
 
+def predict_x0_from_mean(s: Schedule, x_t, t, mean):
+    """x_0 = (mu - coef2 x_t) / coef1: eq. 7's mean solved for x_0, with the coefficients of the
+    training step the model predicts the mean of (s.model_mean_coef1/2: the same on a
+    respaced schedule)."""
+    return (mean - extract(s.model_mean_coef2, t, x_t.shape) * x_t) / extract(
+        s.model_mean_coef1, t, x_t.shape
+    )
+
+
+def _mean_step_target(s: Schedule, x0, noise, t):
+    """mu-tilde_t(x_t, x_0) of eq. 7 for x_t = q_sample(x_0, t, noise)."""
+    x_t = q_sample(s, x0, t, noise)
+    return q_posterior_mean_variance(s, x0, x_t, t)[0]
+
+
 def _eps_target(alpha, sigma, x0, noise):
     return noise
 
@@ -193,10 +218,17 @@ class Parameterization:
     """What the network predicts: `to_x0(s, x_t, t, output)` recovers x_0 from its output, and
     `target(alpha, sigma, x0, noise)` is what L_simple regresses it on for
     x_t = alpha x_0 + sigma noise (alpha, sigma broadcastable to x0: sqrt(abar_t) and
-    sqrt(1 - abar_t) of a step, or of a continuous level)."""
+    sqrt(1 - abar_t) of a step, or of a continuous level). A target that depends on the step
+    itself, not only on its level, is `step_target(s, x0, noise, t)` instead (target None):
+    such a model is conditioned on timesteps only (`steps_only`)."""
 
     to_x0: Callable
-    target: Callable
+    target: Callable | None
+    step_target: Callable | None = None
+
+    @property
+    def steps_only(self) -> bool:
+        return self.target is None
 
 
 # The one table of parameterisations; a new one is its two functions and an entry.
@@ -204,7 +236,12 @@ PARAMETERIZATIONS = {
     "eps": Parameterization(predict_x0_from_eps, _eps_target),  # Ho et al. eq. 11-12
     "x0": Parameterization(_x0_from_x0, _x0_target),
     "v": Parameterization(predict_x0_from_v, _v_target),  # Salimans & Ho 2022
+    # The posterior mean mu-tilde_t itself (Ho et al. Sec. 3.2's baseline; loss 'simple' is
+    # its unweighted L2, 'kl' eq. 8). It is the mean of the training step t -> t-1, whatever
+    # chain samples it: s.model_mean_coef1/2 hold that step's coefficients.
+    "mu": Parameterization(predict_x0_from_mean, None, _mean_step_target),
 }
+STEPS_ONLY = tuple(name for name, p in PARAMETERIZATIONS.items() if p.steps_only)
 
 
 def predict_x0(s: Schedule, model_mean_output, x_t, t, parameterization: str):
@@ -213,8 +250,11 @@ def predict_x0(s: Schedule, model_mean_output, x_t, t, parameterization: str):
 
 
 def training_target(s: Schedule, x0, noise, t, parameterization: str):
-    """What the network regresses at index t of s: eps, x0 or v."""
-    return PARAMETERIZATIONS[parameterization].target(
+    """What the network regresses at index t of s: eps, x0, v or mu."""
+    entry = PARAMETERIZATIONS[parameterization]
+    if entry.steps_only:
+        return entry.step_target(s, x0, noise, t)
+    return entry.target(
         extract(s.sqrt_alphas_cumprod, t, x0.shape),
         extract(s.sqrt_one_minus_alphas_cumprod, t, x0.shape),
         x0,

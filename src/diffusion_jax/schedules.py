@@ -37,6 +37,10 @@ class Schedule:
     posterior_mean_coef2: jax.Array  # coefficient of x_t in mu_tilde_t (eq. 7)
     fixed_large_log_variance: jax.Array  # log sigma_t^2 = log beta_t, t=0 uses beta_tilde_1
     timesteps: jax.Array  # int32: the time the model is conditioned on at each index
+    # posterior_mean_coef1/2 of the training step timesteps[t] -> timesteps[t] - 1: what a
+    # mean-predicting model's output means (equal to posterior_mean_coef1/2 unless respaced)
+    model_mean_coef1: jax.Array
+    model_mean_coef2: jax.Array
 
     @property
     def num_timesteps(self) -> int:
@@ -146,11 +150,12 @@ def get_beta_schedule(
     return betas
 
 
-def from_betas(betas, timesteps=None) -> Schedule:
+def from_betas(betas, timesteps=None, model_mean_coefs=None) -> Schedule:
     """Build every table from betas (computed in float64, stored float32).
 
     `timesteps` (int, (T,)) is the time the model sees at each index: arange(T) for a full
-    schedule, the kept original steps for a respaced one.
+    schedule, the kept original steps for a respaced one; `model_mean_coefs` (two (T,) arrays)
+    the posterior-mean coefficients of those original steps (None: this schedule's own).
     """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.shape[0] < 1:
@@ -190,6 +195,9 @@ def from_betas(betas, timesteps=None) -> Schedule:
         )
     # Cast on the host and device_put: jnp.asarray would compile a cast (or, with several
     # devices, a staging program) for every new length, e.g. each respaced step count.
+    own = (tables["posterior_mean_coef1"], tables["posterior_mean_coef2"])
+    coef1, coef2 = own if model_mean_coefs is None else model_mean_coefs
+    tables.update(model_mean_coef1=coef1, model_mean_coef2=coef2)
     arrays = {k: jax.device_put(np.asarray(v, dtype=np.float32)) for k, v in tables.items()}
     return Schedule(**arrays, timesteps=jax.device_put(np.asarray(timesteps, dtype=np.int32)))
 
@@ -232,7 +240,10 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     kept = alphas_cumprod[timesteps]
     betas = 1.0 - kept / np.append(1.0, kept[:-1])
     original = np.asarray(schedule.timesteps)[timesteps]
-    return from_betas(betas, timesteps=original)
+    coefs = [
+        np.asarray(c)[timesteps] for c in (schedule.model_mean_coef1, schedule.model_mean_coef2)
+    ]
+    return from_betas(betas, timesteps=original, model_mean_coefs=coefs)
 
 
 def _schedule_args(name: str, num_timesteps: int, fields) -> tuple[str, int, dict]:

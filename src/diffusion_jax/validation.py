@@ -95,6 +95,7 @@ def validate_config(config, *, num_devices: int | None = None, process_count: in
         _choice(config, "diffusion.noise_conditioning", diffusion.NOISE_CONDITIONINGS)
     try:
         diffusion.check_options(
+            parameterization=config.diffusion.parameterization,
             var_type=config.diffusion.var_type,
             loss_type=config.diffusion.loss_type,
             noise_conditioning=noise_conditioning,
