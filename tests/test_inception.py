@@ -92,9 +92,10 @@ def test_matches_torchscript_at_299_with_pytorch_fid_resize(
     assert _max_rel_diff(got, want) < REL_TOL
 
 
-def test_random_weights_match_torchscript():
-    # Every tensor of a fresh copy of the module overwritten with random values (BN variances
-    # positive), converted by the same code as the real weights, at the smallest valid size.
+def random_torchscript_inception():
+    """(TorchScript module, its Flax variables): every tensor of a fresh copy of the module
+    overwritten with random values (BN variances positive), converted by the same code as the
+    real weights."""
     torch = _torch()
     from diffusion_jax.metrics import convert_inception
 
@@ -112,6 +113,13 @@ def test_random_weights_match_torchscript():
     variables = convert_inception.convert_state_dict(
         convert_inception.torchscript_state_dict(module)
     )
+    return module, variables
+
+
+def test_random_weights_match_torchscript():
+    # Random weights (random_torchscript_inception) at the smallest valid size.
+    torch = _torch()
+    module, variables = random_torchscript_inception()
     variances = [v for k, v in flatten_dict(variables["batch_stats"]).items() if k[-1] == "var"]
     assert len(variances) == 94 and all(0.5 <= v.min() and v.max() < 1.5 for v in variances)
     images = np.random.default_rng(0).integers(0, 256, (2, 75, 75, 3), dtype=np.uint8)

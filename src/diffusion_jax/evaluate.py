@@ -1,6 +1,6 @@
 """Evaluate a workdir: `python -m diffusion_jax.evaluate --workdir=W
 --metric=nll|fid|fd|is|class_accuracy`, or samples against their references:
-`--metric=psnr|ssim --samples=OUT.npz --reference=HR.npz`.
+`--metric=psnr|ssim|perceptual --samples=OUT.npz --reference=HR.npz`.
 
 nll: the variational bound (eq. 5 of Ho et al. 2020: the prior term L_T, all T terms L_{T-1}..L_1
 and the discretized decoder L_0) in bits/dim, averaged over a data split (--split, default test;
@@ -25,8 +25,10 @@ partitions, and value / floor. The is record of the digits carries the real digi
 IS (`data_is`, over all 1,797) and value / data_is. Both are what a new user compares samples
 with; fid against the train split stays as before, for the published tables.
 
-psnr / ssim: of each image of --samples=OUT.npz against its reference in --reference=HR.npz
-(both uint8 (N, H, W, C) `images`, data range 255; `metrics.image_quality`). Row i of OUT.npz
+psnr / ssim / perceptual: of each image of --samples=OUT.npz against its reference in
+--reference=HR.npz (both uint8 (N, H, W, C) `images`, data range 255; `metrics.image_quality`;
+perceptual: LPIPS's distance with uniform weights in the FID InceptionV3's features,
+`metrics.perceptual`, lower is closer). Row i of OUT.npz
 is a sample for reference row reference_index[i] when OUT.npz holds an int array
 `reference_index` (N*k samples for N references, k per reference, in any order); without it
 the files must hold as many images, paired row by row. Reports the single-sample score (mean,
@@ -76,7 +78,7 @@ from diffusion_jax import (
     sample,
     training,
 )
-from diffusion_jax.metrics import digits_classifier, inception
+from diffusion_jax.metrics import digits_classifier, inception, perceptual
 from diffusion_jax.metrics.cache import default_cache_dir
 from diffusion_jax.sample import (
     REFERENCE_INDEX,
@@ -87,8 +89,9 @@ from diffusion_jax.sample import (
 )
 from diffusion_jax.workdir import load_config, load_workdir
 
-METRICS = ("nll", "fid", "fd", "is", "memorization", "psnr", "ssim", "class_accuracy")
-IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim}  # (x, y, data_range) -> (N,)
+METRICS = ("nll", "fid", "fd", "is", "memorization", "psnr", "ssim", "perceptual", "class_accuracy")
+# (x, y, data_range) -> (N,); perceptual: in the FID InceptionV3's features
+IMAGE_QUALITY = {"psnr": metrics.psnr, "ssim": metrics.ssim, "perceptual": perceptual.distance}
 BPD_PARTS = ("total_bpd", "prior_bpd", "decoder_bpd", "terms_bpd")
 REFERENCE_SPLIT = "train"
 DATA_SPLIT = "all"  # the digits' yardstick (fd, data_is): every real digit
@@ -722,8 +725,9 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def evaluate_image_quality(metric: str, *, samples, reference, workdir=None) -> dict:
-    """PSNR or SSIM of the samples in `samples` (.npz) against their references, single
-    samples and, with several samples per reference, the mean of each reference's samples."""
+    """PSNR, SSIM or the perceptual distance of the samples in `samples` (.npz) against their
+    references, single samples and, with several samples per reference, the mean of each
+    reference's samples."""
     start = time.time()
     if metric not in IMAGE_QUALITY:
         raise cli.UserError(f"metric={metric!r}: expected one of {', '.join(IMAGE_QUALITY)}")
@@ -749,7 +753,7 @@ def evaluate_image_quality(metric: str, *, samples, reference, workdir=None) -> 
             np.add.at(sums, index, images.astype(np.float64))
             means = sums / counts[:, None, None, None]
             mean_of_k = _summary(fn(means, refs.astype(np.float64), 255.0))
-    except ValueError as e:  # images smaller than SSIM's window
+    except (ValueError, FileNotFoundError) as e:  # smaller than SSIM's window; no weights
         raise cli.UserError(f"--metric={metric}: {e}") from None
     k = int(counts[0]) if np.all(counts == counts[0]) else None
     record = dict(
@@ -779,13 +783,13 @@ def define_flags() -> None:
         "metric",
         None,
         "nll (bits/dim on --split), fid, fd (digits), is, memorization (nearest training "
-        "image, against the test split's) or class_accuracy (of samples), psnr or ssim "
+        "image, against the test split's) or class_accuracy (of samples), psnr, ssim or perceptual "
         "(samples against --reference); several of fid,fd,is,memorization score one sampling.",
     )
     flags.DEFINE_string(
         "reference",
         None,
-        "psnr/ssim: an .npz of uint8 reference images (the ground truth of --samples).",
+        "psnr/ssim/perceptual: an .npz of uint8 reference images (the truth of --samples).",
     )
     flags.DEFINE_string("split", "test", "nll: the data split (fid/is compare with train).")
     flags.DEFINE_integer(
@@ -797,7 +801,7 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "samples",
         None,
-        "fid/is: an .npz of uint8 images instead of sampling; psnr/ssim: the images to score.",
+        "fid/is: an .npz of uint8 images instead of sampling; psnr/ssim/perceptual: the images.",
     )
     flags.DEFINE_integer(
         "batch_size",
@@ -834,7 +838,7 @@ def main(argv) -> None:
                 f.metric, samples=f.samples, reference=f.reference, workdir=f.workdir
             )
         elif f.reference is not None:
-            raise cli.UserError("--reference is for --metric=psnr or ssim")
+            raise cli.UserError("--reference is for --metric=psnr, ssim or perceptual")
         elif f.metric == "nll":
             cli.require_flags("workdir")
             if f.samples is not None:

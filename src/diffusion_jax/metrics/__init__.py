@@ -1,6 +1,7 @@
 """Sample-quality metrics: FID and Inception Score, with InceptionV3 (natural images) or a small
 digits classifier (the embedded 8x8 digits) as the feature network; PSNR and SSIM against
-reference images (`image_quality`); nearest-neighbour distances to the training data
+reference images (`image_quality`), and a perceptual distance in InceptionV3's features
+(`perceptual`); nearest-neighbour distances to the training data
 (`memorization`).
 
 The Inception weights are converted once with `python -m diffusion_jax.metrics.convert_inception`
@@ -27,6 +28,7 @@ from diffusion_jax.metrics.inception import (
     load_inception_params,
 )
 from diffusion_jax.metrics.memorization import nearest_neighbour_distances
+from diffusion_jax.metrics.perceptual import perceptual_distance
 
 __all__ = [
     "InceptionV3",
@@ -41,6 +43,7 @@ __all__ = [
     "load_inception_params",
     "load_statistics",
     "nearest_neighbour_distances",
+    "perceptual_distance",
     "psnr",
     "save_statistics",
     "ssim",
