@@ -13,7 +13,7 @@ from train_harness import REPO
 
 # study -> (rows, score columns that must be finite numbers in every row)
 STUDIES = {
-    "parameterization": (3, ["FD", "IS", "test bits/dim"]),
+    "parameterization": (5, ["FD", "IS", "test bits/dim"]),
     "losses": (3, ["FD", "IS", "test bits/dim"]),
     "schedules": (4, ["FD", "IS", "test bits/dim"]),
     "variance": (4, ["FD", "IS", "diversity"]),
@@ -21,6 +21,8 @@ STUDIES = {
     "one_step": (7, ["IS", "sharpness"]),
     "guidance": (8, ["accuracy", "FD"]),
     "digits_table": (5, ["FD", "FD / floor", "IS", "IS / data", "NN / test"]),
+    "sr3_schedule": (9, ["PSNR", "SSIM"]),
+    "perception_distortion": (4, ["PSNR", "SSIM", "perceptual"]),
 }
 
 
@@ -34,12 +36,16 @@ def studies_root(tmp_path_factory):
 @pytest.mark.parametrize("name", STUDIES)
 def test_quick_study(name, studies_root, cache_dir):
     root = studies_root / name
+    if name == "perception_distortion":  # its perceptual distance needs the FID weights
+        from diffusion_jax.metrics import convert_inception
+
+        convert_inception.main([f"--output={cache_dir / 'inception_fid.npz'}"])
     result = subprocess.run(
         [sys.executable, f"experiments/{name}.py", "--quick", f"--workdir_root={root}"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # a hang guard: parameterization trains 5 points on 2 shared cores
     )
     assert result.returncode == 0, result.stderr[-3000:]
     num_rows, columns = STUDIES[name]
