@@ -303,7 +303,7 @@ def test_evaluate_errors(workdir, cache_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: --metric='bpd': expected one of nll, fid, fd, is, memorization, psnr, ssim, "
-        "class_accuracy"
+        "perceptual, class_accuracy"
     )
 
 
