@@ -59,11 +59,11 @@ def perceptual_distance(variables, x, y, data_range: float = 255.0, batch_size: 
         x, y = np.repeat(x, 3, axis=-1), np.repeat(y, 3, axis=-1)
     out = []
     for start in range(0, len(x), batch_size):
-        pair = [a[start : start + batch_size].astype(np.float32) for a in (x, y)]
-        pad = batch_size - len(pair[0])  # one compiled shape for every batch
-        pair = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in pair]
-        scaled = [jnp.asarray(a) / (data_range / 2) - 1.0 for a in pair]
-        out.append(np.asarray(_distance(variables, *scaled))[: batch_size - pad])
+        # To [-1, 1] on the host, padded to a full batch: one compiled program for every call.
+        pair = [a[start : start + batch_size] / (data_range / 2) - 1.0 for a in (x, y)]
+        pad = batch_size - len(pair[0])
+        pair = [np.concatenate([a, np.zeros((pad, *a.shape[1:]))]).astype(np.float32) for a in pair]
+        out.append(np.asarray(_distance(variables, *pair))[: batch_size - pad])
     return np.concatenate(out)
 
 
