@@ -123,7 +123,8 @@ def test_print_only_prints_a_command_per_point(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_trains_evaluates_skips_and_resumes(tmp_path):
+@pytest.mark.parametrize("in_process", [False, True], ids=["subprocesses", "in_process"])
+def test_sweep_trains_evaluates_skips_and_resumes(tmp_path, in_process):
     quick = {"config": dict(TINY, **{"training.num_train_steps": 8}), "evaluate": {}}
     path = write_sweep(
         tmp_path / "s.py",
@@ -139,8 +140,9 @@ def test_sweep_trains_evaluates_skips_and_resumes(tmp_path):
     assert sweep_lib.latest_checkpoint_step(root / "parameterization=v") == 4
 
     log: list[str] = []
-    rows = sweep_lib.run_sweep(sweep, root, log=log.append)
+    rows = sweep_lib.run_sweep(sweep, root, log=log.append, in_process=in_process)
     assert any("parameterization=eps: training from step 0 of 8" in m for m in log)
+    assert sum("in this process: " in m for m in log) == (4 if in_process else 0)
     assert any("parameterization=v: training from step 4 of 8" in m for m in log)
     assert [r["status"] for r in rows] == ["done", "done"]
     with open(root / "results.csv") as f:
@@ -154,15 +156,17 @@ def test_sweep_trains_evaluates_skips_and_resumes(tmp_path):
     assert (root / "results.md").read_text().count("\n") == 4  # header, rule, two rows
 
     log.clear()
-    assert sweep_lib.run_sweep(sweep, root, log=log.append) == rows
+    assert sweep_lib.run_sweep(sweep, root, log=log.append, in_process=in_process) == rows
     assert not any("diffusion_jax.train" in m or "diffusion_jax.evaluate" in m for m in log)
     assert sum("(recorded)" in m for m in log) == 2
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_sweep_after_the_point_saves(tmp_path):
+@pytest.mark.parametrize("in_process", [False, True], ids=["subprocesses", "in_process"])
+def test_ctrl_c_stops_the_sweep_after_the_point_saves(tmp_path, in_process):
     """SIGINT to the sweep's process group (Ctrl-C): the training point saves a checkpoint and
-    exits, the sweep waits for it and exits 130 without starting the next point."""
+    stops (the train CLI exits and the sweep waits for it, or train() returns in the sweep's
+    process), and the sweep exits 130 without starting the next point."""
     quick = {"config": dict(TINY, **{"training.num_train_steps": 100000}), "evaluate": {}}
     path = write_sweep(tmp_path / "s.py", 'product({"seed": [0, 1]})', extra=f"QUICK = {quick!r}")
     root = tmp_path / "root"
@@ -174,6 +178,7 @@ def test_ctrl_c_stops_the_sweep_after_the_point_saves(tmp_path):
             f"--sweep={path}",
             "--quick",
             f"--workdir_root={root}",
+            *(["--in_process"] if in_process else []),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -188,6 +193,6 @@ def test_ctrl_c_stops_the_sweep_after_the_point_saves(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "sweep interrupted: the same command resumes it" in err
-    assert "stopped by SIGINT" in err  # the train CLI saved on the way out
+    assert "stopped by SIGINT" in err  # the train loop saved on the way out
     assert sweep_lib.latest_checkpoint_step(root / "seed=0") >= 4
     assert not (root / "seed=1").exists()

@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import re
 import time
@@ -816,59 +817,80 @@ def define_flags() -> None:
     flags.adopt_module_key_flags(sample)  # so that --helpshort lists them too
 
 
+def run(
+    metric: str,
+    *,
+    workdir=None,
+    reference=None,
+    split: str = "test",
+    num_samples: int | None = None,
+    samples=None,
+    batch_size: int | None = None,
+    t_batch_size: int | None = None,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    guidance: float | None = None,
+) -> list[dict]:
+    """What the CLI does for these flags (one keyword per flag): the records it prints, one per
+    metric of `metric` (comma-separated). UserError for bad input."""
+    names = metric.split(",")
+    if len(names) > 1 and not set(names) <= set(SAMPLE_METRICS):
+        raise cli.UserError(
+            f"--metric={metric}: several metrics are scores of one set of images, from "
+            f"{', '.join(SAMPLE_METRICS)}"
+        )
+    if names[0] not in METRICS:
+        raise cli.UserError(f"--metric={metric!r}: expected one of {', '.join(METRICS)}")
+    if metric in IMAGE_QUALITY:
+        return [
+            evaluate_image_quality(metric, samples=samples, reference=reference, workdir=workdir)
+        ]
+    if reference is not None:
+        raise cli.UserError("--reference is for --metric=psnr, ssim or perceptual")
+    if workdir is None:
+        raise cli.UserError("--workdir is required")
+    if metric == "nll":
+        if samples is not None:
+            raise cli.UserError("--samples is for --metric=fid or is; nll reads --split")
+        nll = evaluate_nll(
+            workdir,
+            split=split,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            t_batch_size=t_batch_size,
+            seed=seed,
+        )
+        return [nll]
+    sampling = dict(
+        samples=samples,
+        num_samples=num_samples,
+        seed=seed,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        batch_size=batch_size,
+        guidance=guidance,
+    )
+    if metric == "class_accuracy":
+        return [evaluate_class_accuracy(workdir, **sampling)]
+    return evaluate_sample_metrics(workdir, names, **sampling)
+
+
+RUN_FLAGS = tuple(inspect.signature(run).parameters)  # the CLI flags that run() takes
+
+
 def main(argv) -> None:
     del argv
     hostmem.keep_freed_memory()
     cli.use_compilation_cache()
     cli.quiet_libraries()
-    f = flags.FLAGS
     with cli.user_errors():
         cli.require_flags("metric")
-        names = f.metric.split(",")
-        if len(names) > 1 and not set(names) <= set(SAMPLE_METRICS):
-            raise cli.UserError(
-                f"--metric={f.metric}: several metrics are scores of one set of images, from "
-                f"{', '.join(SAMPLE_METRICS)}"
-            )
-        if names[0] not in METRICS:
-            raise cli.UserError(f"--metric={f.metric!r}: expected one of {', '.join(METRICS)}")
-        records = None
-        if f.metric in IMAGE_QUALITY:
-            record = evaluate_image_quality(
-                f.metric, samples=f.samples, reference=f.reference, workdir=f.workdir
-            )
-        elif f.reference is not None:
-            raise cli.UserError("--reference is for --metric=psnr, ssim or perceptual")
-        elif f.metric == "nll":
-            cli.require_flags("workdir")
-            if f.samples is not None:
-                raise cli.UserError("--samples is for --metric=fid or is; nll reads --split")
-            record = evaluate_nll(
-                f.workdir,
-                split=f.split,
-                num_samples=f.num_samples,
-                batch_size=f.batch_size,
-                t_batch_size=f.t_batch_size,
-                seed=f.seed,
-            )
-        else:
-            cli.require_flags("workdir")
-            sampling = dict(
-                samples=f.samples,
-                num_samples=f.num_samples,
-                seed=f.seed,
-                sampler=f.sampler,
-                steps=f.steps,
-                eta=f.eta,
-                batch_size=f.batch_size,
-                guidance=f.guidance,
-            )
-            if f.metric == "class_accuracy":
-                record = evaluate_class_accuracy(f.workdir, **sampling)
-            else:
-                records = evaluate_sample_metrics(f.workdir, names, **sampling)
-    for r in records or [record]:
-        print(json.dumps(r))
+        records = run(**{name: flags.FLAGS[name].value for name in RUN_FLAGS})
+    for record in records:
+        print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ Each point trains in its own workdir, DIR/<point name> (`point_name`: its overri
 `field=value` joined by commas, the field by its last component where that is unambiguous),
 by exactly the command that `--print_only` prints (`python -m diffusion_jax.train
 --config=... --workdir=... --config.a.b=v ...`, one line per point, for a cluster scheduler: a
-SLURM array, xmanager). Here the points run one after another: a point whose newest checkpoint
-is at config.training.num_train_steps is not trained again, an interrupted one resumes (the
-train CLI resumes exactly), and an evaluation already recorded in the point's
+SLURM array, xmanager), and is evaluated by the evaluate CLI. `--in_process` runs both in the
+sweep's own process instead (`train.train` on the same config, `evaluate.run` on the same
+flags): no start-up per command and the programs that points share compile once, at the price
+of isolation (a crash ends the sweep). Here the points run one after another: a point whose
+newest checkpoint is at config.training.num_train_steps is not trained again, an interrupted
+one resumes (the train CLI resumes exactly), and an evaluation already recorded in the point's
 `sweep_results.json` with the same flags is not run again. After each point, DIR/results.csv
 and DIR/results.md collect every point's overrides, final training loss, training time and
 evaluations. Every point's config is validated (numpy only, nothing compiles) before the first
@@ -32,6 +35,7 @@ one starts; a point that fails is reported and the others still run (exit 1 at t
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import itertools
 import json
@@ -44,7 +48,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from diffusion_jax import cli
+from diffusion_jax import cli, hostmem
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.config import load_config, override
 from diffusion_jax.validation import validate_config
@@ -236,7 +240,51 @@ def _run(argv: list[str], log) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, proc.returncode, out)
 
 
-def run_point(sweep: Sweep, i: int, root: Path, log=print) -> dict:
+def _train_subprocess(sweep: Sweep, i: int, root: Path, log) -> None:
+    """The train CLI on point i; RuntimeError unless it reaches the last step."""
+    returncode = _run(sweep.train_command(i, root, sys.executable), log).returncode
+    step = latest_checkpoint_step(root / sweep.names[i])
+    if returncode != 0 or step is None or step < sweep.config_of(i).training.num_train_steps:
+        raise RuntimeError(f"training stopped at step {step} (exit code {returncode})")
+
+
+def _train_in_process(sweep: Sweep, i: int, root: Path, log) -> None:
+    """train.train on point i's config, in this process. Ctrl-C makes the train loop save a
+    checkpoint and return; that is passed on as KeyboardInterrupt."""
+    from diffusion_jax import train
+
+    log("in this process: " + shlex.join(sweep.train_command(i, root)))
+    config = sweep.config_of(i)
+    try:
+        train.train(config, root / sweep.names[i])
+    except (cli.UserError, ValueError) as e:
+        raise RuntimeError(f"training refused: {cli.one_line(e)}") from None
+    if (latest_checkpoint_step(root / sweep.names[i]) or 0) < config.training.num_train_steps:
+        log("interrupted: checkpoint saved")
+        raise KeyboardInterrupt
+
+
+def _evaluate(evaluation: Mapping, workdir: Path, in_process: bool, log) -> list[dict]:
+    """The evaluate CLI's records (one per metric) for one evaluation of a point."""
+    if in_process:
+        from diffusion_jax import evaluate
+
+        log("in this process: " + shlex.join(evaluate_command(evaluation, workdir)))
+        flags_ = {k: v for k, v in evaluation.items() if k not in ("name", "columns")}
+        try:
+            return evaluate.run(workdir=str(workdir), **flags_)
+        except (cli.UserError, ValueError, TypeError) as e:
+            raise RuntimeError(f"evaluation {evaluation['columns']}: {cli.one_line(e)}") from None
+    proc = _run(evaluate_command(evaluation, workdir, sys.executable), log)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(lines) < len(evaluation["columns"]):
+        raise RuntimeError(
+            f"evaluation {evaluation['columns']} failed (exit code {proc.returncode})"
+        )
+    return [json.loads(line) for line in lines[-len(evaluation["columns"]) :]]
+
+
+def run_point(sweep: Sweep, i: int, root: Path, log=print, in_process: bool = False) -> dict:
     """Train point i unless finished, then run its missing evaluations; returns its row."""
     config = sweep.config_of(i)
     workdir = root / sweep.names[i]
@@ -248,13 +296,15 @@ def run_point(sweep: Sweep, i: int, root: Path, log=print) -> dict:
     else:
         log(f"training from step {step or 0} of {target}")
         start = time.time()
-        proc = _run(sweep.train_command(i, root, sys.executable), log)
-        results["train_seconds"] = round(results.get("train_seconds", 0) + time.time() - start, 1)
-        workdir.mkdir(parents=True, exist_ok=True)
-        _write_results(workdir, results)
+        try:
+            (_train_in_process if in_process else _train_subprocess)(sweep, i, root, log)
+        finally:
+            results["train_seconds"] = round(
+                results.get("train_seconds", 0) + time.time() - start, 1
+            )
+            workdir.mkdir(parents=True, exist_ok=True)
+            _write_results(workdir, results)
         step = latest_checkpoint_step(workdir)
-        if proc.returncode != 0 or step is None or step < target:
-            raise RuntimeError(f"training stopped at step {step} (exit code {proc.returncode})")
     for evaluation in sweep.evaluations:
         columns = evaluation["columns"]
         done = [results["evaluations"].get(c) for c in columns]
@@ -262,12 +312,8 @@ def run_point(sweep: Sweep, i: int, root: Path, log=print) -> dict:
             recorded = zip(columns, done, strict=True)
             log(", ".join(f"{c}: {d['value']}" for c, d in recorded) + " (recorded)")
             continue
-        proc = _run(evaluate_command(evaluation, workdir, sys.executable), log)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or len(lines) < len(columns):
-            raise RuntimeError(f"evaluation {columns} failed (exit code {proc.returncode})")
-        for column, line in zip(columns, lines[-len(columns) :], strict=True):
-            record = json.loads(line)
+        records = _evaluate(evaluation, workdir, in_process, log)
+        for column, record in zip(columns, records, strict=True):
             value = record.get("value", record.get("total_bpd"))
             results["evaluations"][column] = dict(flags=evaluation, step=step, value=value)
             log(f"{column}: {value}")
@@ -312,8 +358,13 @@ def write_table(rows: list[dict], root: Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def run_sweep(sweep: Sweep, root: Path, log=print) -> list[dict]:
-    """Every point in turn (see the module docstring); returns the rows written to the table."""
+def _point_log(log, name: str, message: str) -> None:
+    log(f"  {name}: {message}")
+
+
+def run_sweep(sweep: Sweep, root: Path, log=print, in_process: bool = False) -> list[dict]:
+    """Every point in turn (see the module docstring); returns the rows written to the table.
+    With in_process, call cli.use_compilation_cache() first, before anything compiles."""
     for i in range(len(sweep.points)):
         sweep.config_of(i)
     rows = [row(sweep, i, root, status="pending") for i in range(len(sweep.points))]
@@ -321,7 +372,8 @@ def run_sweep(sweep: Sweep, root: Path, log=print) -> list[dict]:
     for i, name in enumerate(sweep.names):
         log(f"[{i + 1}/{len(rows)}] {name} ({time.time() - start:.0f} s into the sweep)")
         try:
-            rows[i] = run_point(sweep, i, root, log=lambda m, n=name: log(f"  {n}: {m}"))
+            point_log = functools.partial(_point_log, log, name)
+            rows[i] = run_point(sweep, i, root, point_log, in_process)
         except RuntimeError as e:
             rows[i] = row(sweep, i, root, status=f"failed: {e}")
             log(f"  {name}: FAILED: {e}")
@@ -346,8 +398,13 @@ def main(argv) -> None:
             for i in range(len(sweep.points)):
                 print(" ".join(shlex.quote(a) for a in sweep.train_command(i, root)))
             return
+        if f.in_process:
+            hostmem.keep_freed_memory()
+            cli.use_compilation_cache()
         try:
-            rows = run_sweep(sweep, root, log=lambda m: print(m, flush=True))
+            rows = run_sweep(
+                sweep, root, log=lambda m: print(m, flush=True), in_process=f.in_process
+            )
         except KeyboardInterrupt:
             print("sweep interrupted: the same command resumes it", file=sys.stderr)
             sys.exit(130)
@@ -363,6 +420,11 @@ def define_flags() -> None:
     )
     flags.DEFINE_bool("print_only", False, "Print each point's train command; run nothing.")
     flags.DEFINE_bool("quick", False, "Apply the sweep's QUICK overrides (a smoke run).")
+    flags.DEFINE_bool(
+        "in_process",
+        False,
+        "Train and evaluate in this process (no start-up per command; a crash ends the sweep).",
+    )
 
 
 if __name__ == "__main__":

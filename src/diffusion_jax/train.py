@@ -234,12 +234,13 @@ def _train(config, workdir: Path, saved_config: dict | None, stop: cli.StopReque
     return last_metrics
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and samples (default: runs/<config>)."
-)
-flags.mark_flags_as_required(["config"])
+def define_flags() -> None:
+    """The CLI's flags (defined by the CLI only, so that importing train() defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string(
+        "workdir", None, "Directory for checkpoints, metrics and samples (default: runs/<config>)."
+    )
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -247,11 +248,13 @@ def main(argv):
     hostmem.keep_freed_memory()
     cli.use_compilation_cache()
     config = cli.loaded_config("config")
-    workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
+    f = flags.FLAGS
+    workdir = f.workdir or cli.default_workdir(f["config"].config_filename)
     logging.info("workdir: %s", workdir)
     with cli.user_errors(), cli.peer_failures():
         train(config, workdir)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)
