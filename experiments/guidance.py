@@ -32,10 +32,11 @@ def main():
     study.sweep("classifier_digits", classifier_root)
     unconditional = study.default_workdir()
     study.root.mkdir(parents=True, exist_ok=True)
-    settings = [("classifier-free w", w, cfg_root / "base", {"guidance": w}) for w in WEIGHTS]
+    weights = [0.0, 3.0] if study.quick else WEIGHTS  # --quick: off, and one weight
+    settings = [("classifier-free w", w, cfg_root / "base", {"guidance": w}) for w in weights]
     guide = {"classifier_workdir": classifier_root / "base"}
     settings += [
-        ("classifier s", s, unconditional, dict(guide, classifier_scale=s)) for s in WEIGHTS
+        ("classifier s", s, unconditional, dict(guide, classifier_scale=s)) for s in weights
     ]
     rows = []
     for kind, strength, workdir, flags in settings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import os
 import shlex
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_jax import evaluate, metrics
+from diffusion_jax import cli, evaluate, hostmem, metrics
 from diffusion_jax import sweep as sweep_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,9 @@ SWEEPS = REPO / "experiments" / "sweeps"
 
 
 class Study:
-    """A study run: parses --quick / --workdir_root, times itself, writes the results."""
+    """A study run: parses --quick / --workdir_root, times itself, writes the results. It
+    trains and evaluates its sweeps' points in its own process (`run_sweep(in_process=True)`),
+    with the CLIs' compilation cache."""
 
     def __init__(self, name: str, doc: str):
         parser = argparse.ArgumentParser(description=doc)
@@ -44,6 +47,8 @@ class Study:
         self.out = self.root if self.quick else RESULTS
         self.command = " ".join(["python", *map(shlex.quote, sys.argv)])
         self.start = time.time()
+        hostmem.keep_freed_memory()
+        cli.use_compilation_cache()  # before anything compiles
 
     def log(self, message: str) -> None:
         print(f"[{self.name} {time.time() - self.start:6.0f} s] {message}", flush=True)
@@ -51,11 +56,26 @@ class Study:
     def sweep(self, sweep_name: str, root: Path | None = None) -> list[dict]:
         """The rows of experiments/sweeps/<sweep_name>.py, run (or found done) under the root."""
         sweep = sweep_lib.Sweep(SWEEPS / f"{sweep_name}.py", quick=self.quick)
-        rows = sweep_lib.run_sweep(sweep, root or self.root, log=self.log)
+        self.link_shared_points(sweep, root or self.root)
+        rows = sweep_lib.run_sweep(sweep, root or self.root, log=self.log, in_process=True)
         failed = [r["point"] for r in rows if r["status"] != "done"]
         if failed:
             raise SystemExit(f"{self.name}: points failed: {', '.join(failed)}")
         return rows
+
+    def link_shared_points(self, sweep: sweep_lib.Sweep, root: Path) -> None:
+        """A point whose config is that of the shared digits checkpoint (`default_workdir()`:
+        eps, L_simple, the linear schedule) becomes a link to its workdir, so that it is trained
+        and evaluated once for all the studies."""
+        shared = self.root.parent / ("digits" + ("_quick" if self.quick else "")) / "base"
+        config = sweep_lib.Sweep(SWEEPS / "digits.py", quick=self.quick).config_of(0).to_dict()
+        for i, name in enumerate(sweep.names):
+            link = root / name
+            if sweep.config_of(i).to_dict() == config and not (link.exists() or link.is_symlink()):
+                shared.mkdir(parents=True, exist_ok=True)
+                root.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(os.path.relpath(shared, root))
+                self.log(f"{name}: the shared digits checkpoint, {shared}")
 
     def default_workdir(self, sweep_name: str = "digits") -> Path:
         """The workdir of the one-point sweep `sweep_name` (`digits`: configs/ddpm_digits.py:short,
@@ -64,7 +84,7 @@ class Study:
         root = self.root.parent / (sweep_name + ("_quick" if self.quick else ""))
         sweep = sweep_lib.Sweep(SWEEPS / f"{sweep_name}.py", quick=self.quick)
         sweep.evaluations = []  # the studies score it themselves
-        sweep_lib.run_sweep(sweep, root, log=self.log)
+        sweep_lib.run_sweep(sweep, root, log=self.log, in_process=True)
         return root / "base"
 
     def write(self, rows: list[dict], figure=None, notes: str = "") -> str:

@@ -5,6 +5,8 @@ The pixel values ship inside scikit-learn's package (no download). They are inte
 permutation (seed 0) puts 1,497 images in "train" and 300 in "test".
 """
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -17,17 +19,23 @@ NUM_TEST = 300
 SPLITS = ("train", "test", "all")
 
 
-def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Return (images uint8 (N, 8, 8, 1), labels int32 (N,)) for split 'train' | 'test' | 'all'."""
-    if split not in SPLITS:
-        raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
+@functools.cache
+def _all_digits() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits, parsed from scikit-learn's file once per process (about a second)."""
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = bunch.target.astype(np.int32)
+    return images, bunch.target.astype(np.int32)
+
+
+def load_digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Return (images uint8 (N, 8, 8, 1), labels int32 (N,)) for split 'train' | 'test' | 'all'."""
+    if split not in SPLITS:
+        raise ValueError(f"digits split must be one of {SPLITS}, got {split!r}")
+    images, labels = _all_digits()
     if split == "all":
-        return images, labels
+        return images.copy(), labels.copy()
     order = np.random.default_rng(0).permutation(len(images))
     idx = order[NUM_TEST:] if split == "train" else order[:NUM_TEST]
     idx = np.sort(idx)

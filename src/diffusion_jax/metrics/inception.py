@@ -202,8 +202,10 @@ def _num_classes(variables) -> int | None:
     return None if head is None else head["kernel"].shape[-1]
 
 
+@functools.cache
 def abstract_variables(num_classes: int | None = None) -> dict:
-    """Shapes and dtypes of the variables {"params", "batch_stats"} (no computation)."""
+    """Shapes and dtypes of the variables {"params", "batch_stats"} (no computation; traced once
+    per head size, as every load checks against it). Read-only: callers share it."""
     model = InceptionV3(num_classes)
     x = jax.ShapeDtypeStruct((1, MIN_SIZE, MIN_SIZE, 3), jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, resize=False), x)
