@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from study_common import REPO, root_name
+
 # Longest first (by their --quick wall times), so that N jobs end close together.
 STUDIES = [
     "parameterization",
@@ -40,7 +41,7 @@ def run_pool(pending, running, results, jobs: int, root: Path, quick, log) -> No
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
-            workdirs = root / (name + ("_quick" if quick else ""))  # as the study's default
+            workdirs = root / root_name(name, bool(quick))  # as the study's default
             argv = [sys.executable, f"experiments/{name}.py", *quick, f"--workdir_root={workdirs}"]
             out = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed when it ends)
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -78,7 +79,7 @@ def main() -> None:
         "-m",
         "diffusion_jax.sweep",
         f"--sweep={REPO / 'experiments' / 'sweeps' / 'digits.py'}",
-        f"--workdir_root={root / ('digits' + ('_quick' if args.quick else ''))}",
+        f"--workdir_root={root / root_name('digits', args.quick)}",
         "--in_process",
         *quick,
     ]

@@ -25,9 +25,8 @@ def scores(workdir, samples) -> dict:
 def main():
     study = Study("guidance", __doc__)
     n = 100 if study.quick else 1000
-    suffix = "_quick" if study.quick else ""
-    cfg_root = study.root.parent / f"cfg_digits{suffix}"
-    classifier_root = study.root.parent / f"classifier_digits{suffix}"
+    cfg_root = study.shared_root("cfg_digits")
+    classifier_root = study.shared_root("classifier_digits")
     study.sweep("cfg_digits", cfg_root)
     study.sweep("classifier_digits", classifier_root)
     unconditional = study.default_workdir()

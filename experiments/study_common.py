@@ -27,6 +27,12 @@ RESULTS = REPO / "experiments" / "results"
 SWEEPS = REPO / "experiments" / "sweeps"
 
 
+def root_name(name: str, quick: bool) -> str:
+    """The directory of a study's or a shared sweep's workdirs under the studies' root: NAME, or
+    NAME_quick for a smoke run, so that a smoke run never reuses a full run's workdirs."""
+    return name + ("_quick" if quick else "")
+
+
 class Study:
     """A study run: parses --quick / --workdir_root, times itself, writes the results. It
     trains and evaluates its sweeps' points in its own process (`run_sweep(in_process=True)`),
@@ -42,7 +48,7 @@ class Study:
         )
         args = parser.parse_args()
         self.name, self.quick = name, args.quick
-        default_root = REPO / "runs" / "studies" / (name + ("_quick" if self.quick else ""))
+        default_root = REPO / "runs" / "studies" / root_name(name, self.quick)
         self.root = Path(args.workdir_root or default_root)
         self.out = self.root if self.quick else RESULTS
         self.command = " ".join(["python", *map(shlex.quote, sys.argv)])
@@ -63,11 +69,15 @@ class Study:
             raise SystemExit(f"{self.name}: points failed: {', '.join(failed)}")
         return rows
 
+    def shared_root(self, sweep_name: str) -> Path:
+        """The workdirs of a sweep that studies share, beside the study's own."""
+        return self.root.parent / root_name(sweep_name, self.quick)
+
     def link_shared_points(self, sweep: sweep_lib.Sweep, root: Path) -> None:
         """A point whose config is that of the shared digits checkpoint (`default_workdir()`:
         eps, L_simple, the linear schedule) becomes a link to its workdir, so that it is trained
         and evaluated once for all the studies."""
-        shared = self.root.parent / ("digits" + ("_quick" if self.quick else "")) / "base"
+        shared = self.shared_root("digits") / "base"
         config = sweep_lib.Sweep(SWEEPS / "digits.py", quick=self.quick).config_of(0).to_dict()
         for i, name in enumerate(sweep.names):
             link = root / name
@@ -81,7 +91,7 @@ class Study:
         """The workdir of the one-point sweep `sweep_name` (`digits`: configs/ddpm_digits.py:short,
         shared by the studies that evaluate one checkpoint; `default`: the README's config),
         trained if absent beside the study's root (runs/studies/<sweep_name>)."""
-        root = self.root.parent / (sweep_name + ("_quick" if self.quick else ""))
+        root = self.shared_root(sweep_name)
         sweep = sweep_lib.Sweep(SWEEPS / f"{sweep_name}.py", quick=self.quick)
         sweep.evaluations = []  # the studies score it themselves
         sweep_lib.run_sweep(sweep, root, log=self.log, in_process=True)
