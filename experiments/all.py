@@ -1,4 +1,5 @@
-"""Every study, one command: `python experiments/all.py [--quick] [--jobs=N] [--workdir_root=DIR]`.
+"""Every study, one command: `python experiments/all.py [--quick] [--jobs=N] [--workdir_root=DIR]
+[NAME ...]` (NAME: only these studies, e.g. to rerun or resume some).
 
 First the digits checkpoint that several studies share (experiments/sweeps/digits.py, trained
 and evaluated as the training studies evaluate their points), so that no two studies train or
@@ -21,17 +22,17 @@ from pathlib import Path
 
 from study_common import REPO, root_name
 
-# Longest first (by their --quick wall times), so that N jobs end close together.
+# Longest first (by their full runs' wall times), so that N jobs end close together.
 STUDIES = [
-    "parameterization",
-    "sr3_schedule",
-    "schedules",
-    "perception_distortion",
-    "guidance",
-    "losses",
-    "digits_table",
     "ddim",
+    "parameterization",
+    "perception_distortion",
+    "sr3_schedule",
+    "guidance",
+    "schedules",
+    "losses",
     "variance",
+    "digits_table",
     "one_step",
 ]
 
@@ -63,7 +64,11 @@ def main() -> None:
     parser.add_argument(
         "--workdir_root", default=None, help="the studies' workdirs (default runs/studies)"
     )
+    parser.add_argument("names", nargs="*", metavar="NAME", help="only these studies")
     args = parser.parse_args()
+    unknown = sorted(set(args.names) - set(STUDIES))
+    if unknown:
+        parser.error(f"unknown studies: {', '.join(unknown)} (known: {', '.join(STUDIES)})")
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs}: expected a positive integer")
     root = Path(args.workdir_root or REPO / "runs" / "studies")
@@ -88,7 +93,8 @@ def main() -> None:
         if subprocess.run(shared, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode:
             raise SystemExit(f"the shared digits checkpoint failed: see {root / 'digits.log'}")
 
-    pending, running, results = list(STUDIES), {}, {}
+    pending = [name for name in STUDIES if name in args.names or not args.names]
+    running, results = {}, {}
     try:
         run_pool(pending, running, results, args.jobs, root, quick, log)
     except KeyboardInterrupt:  # the studies got the SIGINT too: they save and stop
@@ -100,7 +106,7 @@ def main() -> None:
     total = round(time.time() - start)
     print(json.dumps(dict(studies=results, total_seconds=total, jobs=args.jobs)))
     failed = [name for name, r in results.items() if r["exit_code"]]
-    log(f"all {len(STUDIES)} studies in {total} s wall ({args.jobs} at a time)")
+    log(f"{len(results)} studies in {total} s wall ({args.jobs} at a time)")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (logs in {root})")
 

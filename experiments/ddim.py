@@ -15,14 +15,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from study_common import DigitsScores, Study, line_figure, sample_images
+from study_common import SAMPLES_DIR, DigitsScores, Study, line_figure, sample_images
 
 from diffusion_jax import data, grid, samplers
 from diffusion_jax.data import to_model_range, to_uint8
 from diffusion_jax.workdir import load_workdir
 
 # (sampler, eta); DPM-Solver++(2M) adds the quality per model evaluation of a multistep solver.
-SAMPLERS = [("ddpm", 1.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("dpm_solver++2m", 0.0)]
+# DDPM ignores eta (its variance is var_type's): 0, the config's, as the variance study samples
+# it, so that the two studies share its chains (sample_images' cache).
+SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5), ("ddim", 1.0), ("dpm_solver++2m", 0.0)]
 NAMES = {"ddpm": "DDPM", "dpm_solver++2m": "DPM-Solver++(2M)"}
 
 
@@ -62,7 +64,8 @@ def slerp(a, b, w):
 
 def main():
     study = Study("ddim", __doc__)
-    wd = load_workdir(study.default_workdir())
+    workdir = study.default_workdir()
+    wd = load_workdir(workdir)
     scores = DigitsScores(wd.config)
     n = 100 if study.quick else 1000
     steps_list = [10] if study.quick else [10, 20, 50, 100, 1000]
@@ -71,7 +74,9 @@ def main():
         for sampler, eta in SAMPLERS:
             if sampler == "dpm_solver++2m" and steps > 100:
                 continue  # a few-step solver: at 1,000 steps it is one more 10-minute chain
-            images, seconds = sample_images(wd, n, sampler=sampler, steps=steps, eta=eta)
+            images, seconds = sample_images(
+                wd, n, sampler=sampler, steps=steps, eta=eta, cache_dir=workdir / SAMPLES_DIR
+            )
             name = NAMES.get(sampler, f"DDIM eta={eta}")
             rows.append(
                 scores.row(images, sampler=name, steps=steps, samples=n, seconds=round(seconds, 1))

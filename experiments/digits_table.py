@@ -13,7 +13,7 @@ sampler.
 """
 
 import numpy as np
-from study_common import Study, line_figure, sample_images
+from study_common import SAMPLES_DIR, Study, line_figure, sample_images
 
 from diffusion_jax import evaluate, grid
 from diffusion_jax.workdir import load_workdir
@@ -57,7 +57,9 @@ def main():
     rows, yardstick = [], {}
     for sampler, steps_list in (QUICK_STEPS if study.quick else STEPS).items():
         for steps in steps_list:
-            images, seconds = sample_images(wd, n, sampler=sampler, steps=steps)
+            images, seconds = sample_images(
+                wd, n, sampler=sampler, steps=steps, cache_dir=workdir / SAMPLES_DIR
+            )
             path = study.root / f"{sampler}{steps}.npz"
             path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(path, images=images)

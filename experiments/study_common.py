@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import hashlib
+import json
 import os
 import shlex
 import sys
@@ -25,6 +27,8 @@ from diffusion_jax import sweep as sweep_lib
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 SWEEPS = REPO / "experiments" / "sweeps"
+# In a checkpoint's workdir: the studies' samples of it (sample_images).
+SAMPLES_DIR = "study_samples"
 
 
 def root_name(name: str, quick: bool) -> str:
@@ -207,9 +211,12 @@ def sweep_study(name: str, doc: str, sweep_name: str | None = None) -> list[dict
     return table
 
 
-def sample_images(wd, num_samples: int, *, seed: int = 0, var_type=None, **options):
+def sample_images(wd, num_samples: int, *, seed=0, var_type=None, cache_dir=None, **options):
     """(uint8 images, seconds) from a loaded workdir with sampler options (sample CLI's names)
-    and, optionally, another reverse variance than the trained one."""
+    and, optionally, another reverse variance than the trained one. With cache_dir (a folder in
+    the checkpoint's workdir), images drawn before from the same checkpoint step with the same
+    options, variance, count and seed are read back with the seconds they took when drawn: the
+    studies that evaluate one checkpoint draw a shared chain once, and a rerun resumes."""
     from diffusion_jax import sample
 
     if var_type is not None:
@@ -217,9 +224,26 @@ def sample_images(wd, num_samples: int, *, seed: int = 0, var_type=None, **optio
         config.diffusion.var_type = var_type
         wd = wd._replace(config=config)
     options = sample.sampler_options(wd.config, **options)
+    key = dict(options, step=wd.step, num_samples=num_samples, seed=seed)
+    key.pop("batch_size")  # the images do not depend on it
+    key["var_type"] = wd.config.diffusion.var_type
+    text = json.dumps(key, sort_keys=True)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                if str(f["key"]) == text:
+                    return f["images"], float(f["seconds"])
     start = time.time()
     images = sample.sample_workdir(wd, num_samples, options, seed=seed)
-    return images, time.time() - start
+    seconds = time.time() - start
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npz")  # whole files only
+        np.savez(partial, images=images, seconds=seconds, key=text)
+        os.replace(partial, path)
+    return images, seconds
 
 
 def line_figure(rows: list[dict], x: str, series: str, metrics_: dict[str, str], logx=True):

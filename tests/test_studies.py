@@ -76,3 +76,12 @@ def test_quick_study(name, quick_run):
     table = (out / f"{name}.md").read_text()
     assert table.count("\n|") == num_rows + 1 and "s wall on this machine" in table
     assert (out / f"{name}.png").stat().st_size > 1000
+
+
+def test_ddim_and_variance_draw_their_shared_chain_once(quick_run):
+    """Both sample the shared checkpoint with DDPM at 10 steps (beta_t, seed 0): one file."""
+    root, summary = quick_run
+    assert summary["studies"]["ddim"]["exit_code"] == 0
+    assert summary["studies"]["variance"]["exit_code"] == 0
+    drawn = list((root / "digits_quick" / "base" / "study_samples").glob("*.npz"))
+    assert len(drawn) == 5 + 4 - 1  # ddim's 5 settings, variance's 4, one in common
