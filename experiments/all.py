@@ -37,13 +37,13 @@ STUDIES = [
 ]
 
 
-def run_pool(pending, running, results, jobs: int, root: Path, quick, log) -> None:
-    """The studies in `pending`, `jobs` at a time; `results`: name -> exit code, seconds."""
+def run_pool(pending, running, results, jobs: int, root: Path, flags, log) -> None:
+    """The studies in `pending`, `jobs` at a time, each with the flags `flags(name)` and its log
+    in root; `results`: name -> exit code, seconds."""
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
-            workdirs = root / root_name(name, bool(quick))  # as the study's default
-            argv = [sys.executable, f"experiments/{name}.py", *quick, f"--workdir_root={workdirs}"]
+            argv = [sys.executable, f"experiments/{name}.py", *flags(name)]
             out = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed when it ends)
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
             running[name] = (proc, out, time.time())
@@ -93,10 +93,16 @@ def main() -> None:
         if subprocess.run(shared, stdout=out, stderr=subprocess.STDOUT, cwd=REPO).returncode:
             raise SystemExit(f"the shared digits checkpoint failed: see {root / 'digits.log'}")
 
+    def study_flags(name: str) -> list[str]:
+        """--quick, and --workdir_root where DIR is given: a study's results then name the
+        command a reader runs alone."""
+        workdirs = root / root_name(name, args.quick)  # as the study's default without DIR
+        return quick + ([f"--workdir_root={workdirs}"] if args.workdir_root else [])
+
     pending = [name for name in STUDIES if name in args.names or not args.names]
     running, results = {}, {}
     try:
-        run_pool(pending, running, results, args.jobs, root, quick, log)
+        run_pool(pending, running, results, args.jobs, root, study_flags, log)
     except KeyboardInterrupt:  # the studies got the SIGINT too: they save and stop
         log(f"interrupted: waiting for {', '.join(running)}; the same command resumes")
         for proc, _, _ in running.values():
