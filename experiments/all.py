@@ -22,17 +22,18 @@ from pathlib import Path
 
 from study_common import REPO, root_name
 
-# Longest first (by their full runs' wall times), so that N jobs end close together.
+# Longest first (by the full run's wall times in experiments/README.md), so that N jobs end
+# close together; variance follows ddim, whose DDPM chains it reads back.
 STUDIES = [
+    "sr3_schedule",
+    "perception_distortion",
     "ddim",
     "parameterization",
-    "perception_distortion",
-    "sr3_schedule",
-    "guidance",
+    "digits_table",
     "schedules",
+    "guidance",
     "losses",
     "variance",
-    "digits_table",
     "one_step",
 ]
 
