@@ -73,8 +73,9 @@ def main():
     for steps in steps_list:
         for sampler, eta in SAMPLERS:
             if steps > 100 and (sampler == "dpm_solver++2m" or eta > 0):
-                # each would be one more 10-minute chain: the few-step solver, and DDIM with noise
-                # (eta 1 at 1,000 steps is DDPM with beta-tilde, the variance study's chain)
+                # each would be one more 1,000-step chain of n samples for little news: the
+                # few-step solver, and DDIM with noise (eta 1 at 1,000 steps is DDPM with
+                # beta-tilde, the variance study's chain)
                 continue
             images, seconds = sample_images(
                 wd, n, sampler=sampler, steps=steps, eta=eta, cache_dir=workdir / SAMPLES_DIR
